@@ -1,0 +1,313 @@
+"""Streaming capture of K/V/A redundancy around any diffusers DiT pipeline call.
+
+``with capture_redundancy(pipe) as cap: pipe(...)`` installs forward hooks on every capture site
+(:mod:`pytest_ditredundancy.sites`), a forward pre-hook on the transformer (to count calls per step and
+read the batch size), and wraps ``scheduler.step`` / ``scheduler.set_timesteps`` with ``functools.wraps``
+(pipelines inspect those signatures) to find step and run boundaries. Everything is removed on exit, also
+when the pipeline raises.
+
+Per series only the previous step's tensor is kept (a reference, not a copy, unless the model later
+mutates it in place: the tensor version counter tells, and the series switches to copies). Each step is
+reduced on the device to four numbers per sample (:func:`pytest_ditredundancy.metrics.step_stats`);
+nothing leaves the device until :meth:`RedundancyCapture.profile`, which does one transfer.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .assemble import RawRun, RawSeries, assemble_profile
+from .metrics import step_stats
+from .profile import RedundancyProfile
+from .sites import DEFAULT_KINDS, CaptureSite, discover_sites, validate_kinds
+
+
+@dataclass
+class _Series:
+    rows: int
+    numel: int
+    steps: list[int] = field(default_factory=list)
+    valid: list[bool] = field(default_factory=list)
+    stats: list[torch.Tensor] = field(default_factory=list)
+    previous: torch.Tensor | None = None
+    previous_version: int | None = None
+    previous_step: int = -2
+    copy: bool = False
+
+
+@dataclass
+class _Run:
+    step: int = 0
+    calls_in_step: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    series: dict[tuple[int, int], _Series] = field(default_factory=dict)
+    timesteps: list[Any] = field(default_factory=list)
+    prompts: list[str] | None = None
+    cfg: bool | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.step == 0 and not self.series
+
+
+class RedundancyCapture:
+    """Hooks that measure step-to-step redundancy; use through :func:`capture_redundancy`."""
+
+    def __init__(self, target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
+                 scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False) -> None:
+        self.pipeline = None if isinstance(target, nn.Module) else target
+        self.transformer: nn.Module = target if isinstance(target, nn.Module) else _transformer_of(target)
+        self.scheduler = scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None)
+        self.kinds = validate_kinds(kinds)
+        self.sites = list(sites) if sites is not None else discover_sites(self.transformer, self.kinds)
+        self.branch_layout = branch_layout
+        self.copy_tensors = copy_tensors
+        self.runs: list[_Run] = [_Run()]
+        self.messages: list[str] = []
+        self._handles: list[Any] = []
+        self._patched: list[tuple[Any, str, Any, bool]] = []
+        self._active_call: int | None = None
+        self._active_batch = 0
+        self._active = False
+
+    # -- context management -------------------------------------------------------------------------------
+    def __enter__(self) -> "RedundancyCapture":
+        if self._active:
+            raise RuntimeError("this capture is already active; a capture can be entered once at a time")
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook and restore every wrapped method (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for owner, name, original, was_own in reversed(self._patched):
+            if was_own:
+                setattr(owner, name, original)
+            else:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+        self._patched.clear()
+        self._active = False
+        self._active_call = None
+
+    def _install(self) -> None:
+        by_module: dict[int, list[tuple[int, CaptureSite]]] = {}
+        modules: dict[int, nn.Module] = {}
+        for index, site in enumerate(self.sites):
+            by_module.setdefault(id(site.module), []).append((index, site))
+            modules[id(site.module)] = site.module
+        self._handles.append(self.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
+        for key, module in modules.items():
+            self._handles.append(module.register_forward_hook(self._make_site_hook(by_module[key])))
+        if self.scheduler is not None:
+            self._wrap(self.scheduler, "step", self._after_step)
+            self._wrap(self.scheduler, "set_timesteps", None, before=self._on_set_timesteps)
+        if self.pipeline is not None and callable(getattr(self.pipeline, "check_inputs", None)):
+            self._wrap(self.pipeline, "check_inputs", None, before=self._on_check_inputs)
+
+    def _wrap(self, owner: Any, name: str, after: Any, before: Any = None) -> None:
+        original = getattr(owner, name)
+        was_own = name in getattr(owner, "__dict__", {})
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(args, kwargs)
+            result = original(*args, **kwargs)
+            if after is not None:
+                after(args, kwargs)
+            return result
+
+        setattr(owner, name, wrapper)
+        self._patched.append((owner, name, original, was_own))
+
+    # -- boundaries ---------------------------------------------------------------------------------------
+    @property
+    def _run(self) -> _Run:
+        return self.runs[-1]
+
+    def start_run(self) -> None:
+        """Begin a new pipeline run (called automatically when the scheduler's timesteps are set)."""
+        if not self._run.empty:
+            self.runs.append(_Run())
+        self._active_call = None
+
+    def end_step(self, timestep: Any = None) -> None:
+        """Mark the end of a denoising step (called automatically after ``scheduler.step``)."""
+        run = self._run
+        run.timesteps.append(timestep.detach() if isinstance(timestep, torch.Tensor) else timestep)
+        run.step += 1
+        run.calls_in_step = 0
+        self._active_call = None
+
+    def _after_step(self, args: tuple, kwargs: dict) -> None:
+        self.end_step(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+
+    def _on_set_timesteps(self, args: tuple, kwargs: dict) -> None:
+        self.start_run()
+
+    def _on_check_inputs(self, args: tuple, kwargs: dict) -> None:
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+            self.start_run()
+            self._run.prompts = list(prompt)
+
+    def _on_transformer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        run = self._run
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor):
+            hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self._active_call = run.calls_in_step
+        self._active_batch = int(hidden.shape[0]) if hidden is not None and hidden.dim() > 0 else 1
+        run.calls_in_step += 1
+        run.batch_sizes.setdefault(self._active_call, self._active_batch)
+        if run.cfg is None and self.pipeline is not None:
+            run.cfg = _guidance_active(self.pipeline)
+
+    # -- recording ----------------------------------------------------------------------------------------
+    def _make_site_hook(self, group: list[tuple[int, CaptureSite]]):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._active_call is None:
+                return
+            for index, site in group:
+                tensor = site.tensor(output)
+                if tensor is not None:
+                    self._record(index, tensor)
+
+        return hook
+
+    def _record(self, index: int, tensor: torch.Tensor) -> None:
+        run = self._run
+        key = (index, self._active_call)
+        series = run.series.get(key)
+        batch = self._active_batch
+        if series is None:
+            if tensor.dim() == 0 or tensor.shape[0] % batch:
+                self._note(f"{self.sites[index].layer}/{self.sites[index].kind}: leading dim {tuple(tensor.shape)[:1]} "
+                           f"is not a multiple of the batch {batch}; series skipped")
+                return
+            series = run.series[key] = _Series(rows=batch, numel=tensor.numel() // batch,
+                                               copy=self.copy_tensors or tensor.is_inference())
+        if series.steps and series.steps[-1] == run.step:
+            self._note(f"{self.sites[index].layer}/{self.sites[index].kind} ran twice in one transformer call; "
+                       "only the first output is measured")
+            return
+        previous = series.previous
+        valid = previous is not None and series.previous_step == run.step - 1
+        if valid and series.previous_version is not None and previous._version != series.previous_version:
+            self._note(f"{self.sites[index].layer}/{self.sites[index].kind} was modified in place after its step; "
+                       "that step pair is not measured and the series now keeps copies")
+            series.copy, valid = True, False
+        series.stats.append(step_stats(tensor, previous if valid else None, series.rows))
+        series.steps.append(run.step)
+        series.valid.append(valid)
+        kept = tensor.detach()
+        if series.copy:
+            series.previous, series.previous_version = kept.clone(), None
+        else:
+            series.previous, series.previous_version = kept, kept._version
+        series.previous_step = run.step
+
+    def _note(self, message: str) -> None:
+        if message not in self.messages:
+            self.messages.append(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- result -------------------------------------------------------------------------------------------
+    def profile(self, **metadata: Any) -> RedundancyProfile:
+        """Build the :class:`RedundancyProfile` (one device-to-host transfer). ``metadata`` fills
+        :class:`~pytest_ditredundancy.profile.ProfileMetadata` fields such as ``model`` or ``seed``."""
+        runs = [run for run in self.runs if not run.empty]
+        if not runs:
+            raise RuntimeError("nothing was captured: call the pipeline inside `with capture_redundancy(pipe)`")
+        stacked = [torch.stack(s.stats) for run in runs for s in run.series.values()]
+        host = _to_host(stacked)
+        raw_runs, position = [], 0
+        for run in runs:
+            raw = {}
+            for key, series in run.series.items():
+                raw[key] = RawSeries(steps=series.steps, valid=series.valid, stats=host[position], numel=series.numel)
+                position += 1
+            raw_runs.append(RawRun(steps=run.step, batch_sizes=dict(run.batch_sizes), series=raw,
+                                   timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg))
+        return assemble_profile(raw_runs, self.sites, self.branch_layout, context=self, **metadata)
+
+
+def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
+                       scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False) -> RedundancyCapture:
+    """Capture K/V/A redundancy of every pipeline call made inside the ``with`` block.
+
+    ``target`` is a diffusers pipeline (its ``transformer`` and ``scheduler`` are used) or a bare
+    ``nn.Module`` (then pass ``scheduler`` or call :meth:`RedundancyCapture.end_step` after each step).
+    ``kinds`` restricts what is measured (hooks for other kinds are not installed). ``branch_layout`` tells
+    how batch rows / calls map to CFG branches (see :data:`pytest_ditredundancy.zoo.BRANCH_LAYOUTS`).
+
+    Example::
+
+        with capture_redundancy(pipe) as cap:
+            pipe(["a red bus", "a cat on a sofa"], num_inference_steps=20)
+        profile = cap.profile(model="pixart-alpha")
+    """
+    return RedundancyCapture(target, kinds=kinds, sites=sites, scheduler=scheduler, branch_layout=branch_layout,
+                             copy_tensors=copy_tensors)
+
+
+def _transformer_of(pipeline: Any) -> nn.Module:
+    module = getattr(pipeline, "transformer", None)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{type(pipeline).__name__} has no `transformer` module to capture; pass the denoiser module itself "
+            "(capture_redundancy(module, scheduler=...)) or use an adapter (pytest_ditredundancy.adapters)"
+        )
+    return module
+
+
+def _guidance_active(pipeline: Any) -> bool:
+    """Whether the running pipeline applies classifier-free guidance (read from its call state)."""
+    try:
+        return bool(getattr(pipeline, "do_classifier_free_guidance"))
+    except Exception:  # no such property, or it reads call state this pipeline does not set
+        scale = getattr(pipeline, "_guidance_scale", None)
+        return isinstance(scale, (int, float)) and scale > 1
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list:
+    """Move all stats to the host with one transfer per device."""
+    out: list = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu().numpy()
+        offset = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].reshape(tuple(tensors[i].shape))
+            offset += n
+    return out
+
+
+def _timesteps_to_floats(values: list[Any]) -> list[float | None]:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    flat = iter(torch.stack([t.float().reshape(-1)[0] for t in tensors]).cpu().tolist()) if tensors else iter(())
+    return [next(flat) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]

@@ -1,0 +1,96 @@
+"""Step-to-step distance metrics, in streaming form.
+
+Capture never keeps more than the previous step's tensor. For every captured tensor it reduces the current
+step to four float32 numbers per sample (:data:`STAT_FIELDS`), on the tensor's own device and without any
+host synchronisation; the three metrics are derived from two consecutive steps' numbers at the very end:
+
+* ``abs_l1``  — ``mean|X_t - X_{t-1}|``, the paper's ΔX, exactly as DiTCacheAnalysis computes it;
+* ``rel_l1``  — ``sum|X_t - X_{t-1}| / sum|X_{t-1}|``, scale-free, what caches (TeaCache, FBCache) threshold;
+* ``cosine``  — ``1 - <X_t, X_{t-1}> / (|X_t| |X_{t-1}|)``, the angle change, blind to scale.
+
+The plain, non-streaming definitions (:func:`abs_l1`, :func:`rel_l1`, :func:`cosine_distance`) are the
+reference the streaming path is tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METRICS = ("abs_l1", "rel_l1", "cosine")
+#: Per-sample reductions kept per step: sum|X_t - X_{t-1}|, <X_t, X_{t-1}>, sum|X_t|, ||X_t||_2.
+STAT_FIELDS = ("diff_l1", "dot", "abs_sum", "l2_norm")
+DIFF, DOT, ABS_SUM, NORM = range(4)
+
+
+def step_stats(current: torch.Tensor, previous: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """Reduce one step's tensor to a ``(4, rows)`` float32 tensor on its device.
+
+    ``current`` is viewed as ``rows`` samples (sample-major: row ``r`` of a folded batch belongs to sample
+    ``r // (batch / rows)``). With no ``previous`` the difference fields are zero. No host sync happens here.
+    """
+    x = current.detach().reshape(rows, -1)
+    if x.dtype != torch.float32:
+        x = x.float()
+    abs_sum = torch.linalg.vector_norm(x, ord=1, dim=1)
+    l2 = torch.linalg.vector_norm(x, ord=2, dim=1)
+    if previous is None:
+        zeros = torch.zeros_like(abs_sum)
+        return torch.stack((zeros, zeros, abs_sum, l2))
+    p = previous.detach().reshape(rows, -1)
+    if p.dtype != torch.float32:
+        p = p.float()
+    diff = torch.linalg.vector_norm(x - p, ord=1, dim=1)
+    dot = torch.linalg.vecdot(x, p, dim=1)
+    return torch.stack((diff, dot, abs_sum, l2))
+
+
+def metrics_from_stats(stats: np.ndarray, numel: int) -> dict[str, np.ndarray]:
+    """Turn per-step stats ``(..., steps, 4)`` into metrics ``(..., steps - 1)`` (float64 arithmetic).
+
+    ``numel`` is the number of elements per sample. Degenerate cases are defined, not NaN: two all-zero
+    steps have distance 0; a change away from an all-zero step has relative L1 ``inf`` and cosine 1.
+    """
+    stats = np.asarray(stats, dtype=np.float64)
+    diff = stats[..., 1:, DIFF]
+    dot = stats[..., 1:, DOT]
+    prev_abs = stats[..., :-1, ABS_SUM]
+    norms = stats[..., 1:, NORM] * stats[..., :-1, NORM]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(prev_abs > 0, diff / prev_abs, np.where(diff == 0, 0.0, np.inf))
+        cos = np.where(norms > 0, 1.0 - dot / norms, np.where(diff == 0, 0.0, 1.0))
+    rel = np.where(np.isnan(diff), np.nan, rel)
+    cos = np.where(np.isnan(dot) | np.isnan(norms), np.nan, cos)
+    return {"abs_l1": diff / numel, "rel_l1": rel, "cosine": cos}
+
+
+def _pair(current, previous) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(current).detach().to(torch.float64).flatten()
+    p = torch.as_tensor(previous).detach().to(torch.float64).flatten()
+    if x.shape != p.shape:
+        raise ValueError(f"cannot compare tensors of {x.numel()} and {p.numel()} elements")
+    return x, p
+
+
+def abs_l1(current, previous) -> float:
+    """Reference ``mean|X_t - X_{t-1}|`` (the paper's ΔX)."""
+    x, p = _pair(current, previous)
+    return float((x - p).abs().mean())
+
+
+def rel_l1(current, previous) -> float:
+    """Reference ``sum|X_t - X_{t-1}| / sum|X_{t-1}|``."""
+    x, p = _pair(current, previous)
+    diff, base = float((x - p).abs().sum()), float(p.abs().sum())
+    if base == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return diff / base
+
+
+def cosine_distance(current, previous) -> float:
+    """Reference ``1 - cos(X_t, X_{t-1})``."""
+    x, p = _pair(current, previous)
+    norms = float(x.norm() * p.norm())
+    if norms == 0:
+        return 0.0 if torch.equal(x, p) else 1.0
+    return 1.0 - float(x @ p) / norms

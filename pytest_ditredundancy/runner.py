@@ -1,0 +1,140 @@
+"""``profile_model``: load (or take) a pipeline, run prompts through it in batches, return the profile."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .capture import capture_redundancy
+from .profile import RedundancyProfile
+from .prompts import default_prompts, select_prompts
+from .schedulers import apply_scheduler
+from .sites import DEFAULT_KINDS
+from .zoo.loading import load_model, resolve_device, resolve_spec, spec_of
+from .zoo.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that decides what a profile measures (the key of cached profiles and baselines)."""
+
+    steps: int
+    scheduler: str
+    seed: int
+    num_prompts: int
+    height: int | None
+    width: int | None
+    num_frames: int | None
+    guidance_scale: float | None
+
+    def key(self) -> str:
+        """A file-name-safe key, e.g. ``steps20-dpm-solver-seed0-p8-32x32``."""
+        size = f"{self.width}x{self.height}" if self.width and self.height else "default-size"
+        frames = f"-f{self.num_frames}" if self.num_frames else ""
+        guidance = f"-g{self.guidance_scale:g}" if self.guidance_scale is not None else ""
+        return f"steps{self.steps}-{self.scheduler}-seed{self.seed}-p{self.num_prompts}-{size}{frames}{guidance}"
+
+
+def settings_for(spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None, seed: int = 0,
+                 num_prompts: int = 8, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, guidance_scale: float | None = None) -> RunSettings:
+    steps = spec.steps if steps is None else int(steps)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (a profile compares consecutive steps), got {steps}")
+    return RunSettings(steps=steps, scheduler=scheduler or spec.scheduler, seed=int(seed), num_prompts=num_prompts,
+                       height=height or spec.height, width=width or spec.width,
+                       num_frames=num_frames or spec.num_frames,
+                       guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale)
+
+
+def class_labels_for(prompts: Sequence[str], pipe: Any) -> list[int]:
+    """Class-conditional models (DiT) take ImageNet labels: a prompt naming a class uses it, any other prompt
+    maps to a stable class id derived from its text."""
+    labels = getattr(pipe, "labels", None) or {}
+    classes = int(getattr(getattr(pipe.transformer, "config", None), "num_embeds_ada_norm", 1000) or 1000)
+    return [labels[p] if p in labels else zlib.crc32(p.encode("utf-8")) % classes for p in prompts]
+
+
+def call_kwargs(spec: ModelSpec, settings: RunSettings, prompts: Sequence[str], pipe: Any,
+                generators: list[torch.Generator]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "generator": generators, "output_type": "latent"}
+    if spec.conditioning == "class":
+        kwargs["class_labels"] = class_labels_for(prompts, pipe)
+    else:
+        kwargs["prompt"] = list(prompts)
+        if settings.height:
+            kwargs["height"], kwargs["width"] = settings.height, settings.width
+        if settings.num_frames:
+            kwargs["num_frames"] = settings.num_frames
+    if settings.guidance_scale is not None:
+        kwargs["guidance_scale"] = settings.guidance_scale
+    kwargs.update(spec.call_kwargs)
+    return kwargs
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[tuple[int, Sequence[Any]]]:
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None = None,
+                  num_prompts: int | None = None, steps: int | None = None, scheduler: str | None = None,
+                  seed: int = 0, batch_size: int = 8, device: str | torch.device | None = "auto",
+                  dtype: str | torch.dtype | None = None, guidance_scale: float | None = None,
+                  height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                  kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0,
+                  progress: Callable[[int, int, float], None] | None = None) -> RedundancyProfile:
+    """Profile ``model`` (a name, HF id, directory, spec, or an already loaded pipeline).
+
+    Prompt ``i`` always gets the generator seed ``seed + prompt_offset + i``, so the profile of a prompt does
+    not depend on its batch or shard. ``progress(done, total, steps_per_second)`` is called after each batch.
+
+    Example::
+
+        profile = profile_model("tiny-sd3-medium", prompts=["a red bus"], steps=28, scheduler="flow-euler")
+    """
+    if isinstance(model, (str, ModelSpec)) or hasattr(model, "__fspath__"):
+        spec = resolve_spec(model)
+        pipe = load_model(spec, device=device, dtype=dtype, seed=seed)
+    else:
+        pipe = model
+        spec = spec_of(pipe) or _spec_name_for(pipe)
+    chosen = list(prompts) if prompts is not None else default_prompts()
+    chosen = select_prompts(chosen, num_prompts if num_prompts is not None else (None if prompts else 8))
+    if any(not isinstance(p, str) or not p.strip() for p in chosen) or not chosen:
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    settings = settings_for(spec, steps=steps, scheduler=scheduler, seed=seed, num_prompts=len(chosen),
+                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale)
+    apply_scheduler(pipe, scheduler)  # a fresh scheduler every run: no state leaks between profiles
+    started, done = time.perf_counter(), 0
+    layout = "single" if settings.guidance_scale is not None and settings.guidance_scale <= 1 else spec.branch_layout
+    with capture_redundancy(pipe, kinds=kinds, branch_layout=layout) as cap:
+        for start, batch in batched(chosen, batch_size):
+            generators = [torch.Generator("cpu").manual_seed(seed + prompt_offset + start + i) for i in range(len(batch))]
+            pipe(**call_kwargs(spec, settings, batch, pipe, generators))
+            done += len(batch)
+            if progress is not None:
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress(done, len(chosen), done * settings.steps / elapsed)
+    return cap.profile(
+        model=spec.name, model_id=spec.checkpoint, seed=seed, height=settings.height, width=settings.width,
+        num_frames=settings.num_frames, guidance_scale=settings.guidance_scale, prompts=list(chosen),
+        extra={"settings_key": settings.key(), "scheduler_alias": settings.scheduler, "batch_size": batch_size,
+               "prompt_offset": prompt_offset, "family": spec.family},
+    )
+
+
+def _spec_name_for(pipe: Any) -> ModelSpec:
+    from .zoo.loading import _spec_for_checkpoint
+
+    name_or_path = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    return _spec_for_checkpoint(str(name_or_path), str(name_or_path).rstrip("/").split("/")[-1], type(pipe).__name__)
+
+
+__all__ = ["RunSettings", "profile_model", "settings_for", "resolve_device"]

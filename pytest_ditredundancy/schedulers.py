@@ -1,0 +1,75 @@
+"""Scheduler names users can type (``--dit-scheduler=euler``) and which ones suit a model."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+#: alias -> (diffusers class name, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm-solver": ("DPMSolverMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow-dpm-solver": ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "flow-unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "cogvideox-dpm": ("CogVideoXDPMScheduler", {}),
+    "cogvideox-ddim": ("CogVideoXDDIMScheduler", {}),
+    "rectified-flow": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+#: Schedulers the scheduler-stability suite compares, by what the model predicts.
+COMPATIBLE: dict[str, tuple[str, ...]] = {
+    "epsilon": ("dpm-solver", "euler", "ddim"),
+    "v_prediction": ("dpm-solver", "euler", "ddim"),
+    "flow": ("flow-euler", "flow-heun", "flow-dpm-solver"),
+}
+
+
+class UnknownSchedulerError(ValueError):
+    pass
+
+
+def scheduler_class_and_overrides(name: str) -> tuple[type, dict[str, Any]]:
+    """Resolve an alias or a diffusers scheduler class name."""
+    import diffusers
+
+    if name in SCHEDULERS:
+        class_name, overrides = SCHEDULERS[name]
+        return getattr(diffusers, class_name), dict(overrides)
+    cls = getattr(diffusers, name, None)
+    if isinstance(cls, type) and name.endswith("Scheduler"):
+        return cls, {}
+    close = difflib.get_close_matches(name, list(SCHEDULERS), n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownSchedulerError(
+        f"unknown scheduler {name!r}.{hint} Use one of: default, {', '.join(SCHEDULERS)}, "
+        "or a diffusers scheduler class name such as 'EulerAncestralDiscreteScheduler'."
+    )
+
+
+def make_scheduler(name: str, base: Any) -> Any:
+    """A new scheduler of kind ``name`` configured from ``base``'s config (``default``: a copy of ``base``)."""
+    if name in (None, "", "default"):
+        return type(base).from_config(base.config)
+    cls, overrides = scheduler_class_and_overrides(name)
+    if type(base) is cls and not overrides:
+        return cls.from_config(base.config)
+    config = dict(base.config)
+    if cls.__name__.startswith("FlowMatch") or overrides.get("use_flow_sigmas"):
+        config.pop("prediction_type", None)  # flow schedulers predict velocity; keep the model's shift settings
+    return cls.from_config(config, **overrides)
+
+
+def apply_scheduler(pipe: Any, name: str | None) -> Any:
+    """Replace ``pipe.scheduler`` (returns the new scheduler; ``None``/``default`` keeps a fresh copy)."""
+    scheduler = make_scheduler(name or "default", pipe.scheduler)
+    pipe.scheduler = scheduler
+    return scheduler
+
+
+def compatible_schedulers(prediction: str) -> tuple[str, ...]:
+    return COMPATIBLE.get(prediction, COMPATIBLE["flow"])

@@ -1,0 +1,143 @@
+"""Load a pipeline by registered name, HF repo id, or a local directory written by ``save_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .registry import ModelSpec, UnknownModelError, get_spec, registered_models
+
+_SPECS: "weakref.WeakKeyDictionary[Any, ModelSpec]" = weakref.WeakKeyDictionary()
+
+
+class ModelLoadError(RuntimeError):
+    """A model that could not be loaded; the message says why and what to do."""
+
+
+def _family_spec(pipeline_class: str) -> ModelSpec | None:
+    for spec in registered_models().values():
+        if spec.pipeline_class == pipeline_class and not spec.is_tiny:
+            return spec
+    return None
+
+
+def resolve_spec(model: str | os.PathLike | ModelSpec) -> ModelSpec:
+    """The spec for a registered name, a local pipeline directory, or an HF repo id.
+
+    Directories and repo ids of a known pipeline class take that family's settings (steps, resolution,
+    guidance, scheduler); unknown classes get the pipeline's own defaults and 20 steps.
+    """
+    if isinstance(model, ModelSpec):
+        return model
+    text = os.fspath(model)
+    if text in registered_models():
+        return get_spec(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{path} is a directory but has no model_index.json; save the pipeline there "
+                                 "with pipe.save_pretrained(path) (or pass a registered model name)")
+        try:
+            pipeline_class = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index} is not a diffusers model index ({exc}); re-save the pipeline") from None
+        return _spec_for_checkpoint(str(path.resolve()), path.name, pipeline_class)
+    if text.count("/") == 1 and not text.startswith((".", "/")) and all(text.split("/")):
+        for spec in registered_models().values():
+            if spec.checkpoint == text:
+                return spec
+        return _spec_for_checkpoint(text, text.split("/")[1].lower(), "DiffusionPipeline")
+    return get_spec(text)  # raises UnknownModelError with close names
+
+
+def _spec_for_checkpoint(checkpoint: str, name: str, pipeline_class: str) -> ModelSpec:
+    family = _family_spec(pipeline_class)
+    if family is not None:
+        return replace(family, name=name, checkpoint=checkpoint, build=None, in_paper=False)
+    return ModelSpec(name=name, family="custom", pipeline_class=pipeline_class, checkpoint=checkpoint, steps=20,
+                     height=None, width=None, guidance_scale=None, scheduler="default")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but torch sees no CUDA GPU; use --dit-device=cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """Explicit dtype, else the model's own dtype on GPU and float32 on CPU (CPU half precision is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if dtype not in (None, "auto") else (spec.dtype if device.type != "cpu" else "float32")
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(name, name)
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return value
+
+
+def load_model(model: str | os.PathLike | ModelSpec, *, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = None, seed: int = 0) -> Any:
+    """Load a DiT pipeline, ready to run: on ``device``, in ``dtype``, progress bar off.
+
+    ``model`` is a registered name (``pixart-alpha``, ``tiny-pixart-alpha``), an HF repo id, or a local
+    directory saved with ``save_pretrained`` (the pipeline class is read from its ``model_index.json``).
+    ``seed`` seeds the random weights of tiny models.
+    """
+    spec = resolve_spec(model)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, spec, target)
+    if spec.build is not None:
+        pipe = spec.build(seed)
+    elif spec.family == "open-sora":
+        raise ModelLoadError(
+            f"{spec.name} is not a diffusers pipeline. Load its STDiT3 transformer with the Open-Sora package and "
+            "profile its sampling loop through pytest_ditredundancy.adapters (see README, 'Adapters'); "
+            "`tiny-open-sora-1.2` shows the same path offline."
+        )
+    else:
+        pipe = _from_pretrained(spec, torch_dtype)
+    if hasattr(pipe, "to"):
+        pipe = pipe.to(target) if getattr(pipe, "dtype", None) == torch_dtype else pipe.to(target, torch_dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    _SPECS[pipe] = spec
+    return pipe
+
+
+def _from_pretrained(spec: ModelSpec, torch_dtype: torch.dtype) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, spec.pipeline_class, None) or diffusers.DiffusionPipeline
+    try:
+        return cls.from_pretrained(spec.checkpoint, torch_dtype=torch_dtype)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(
+            f"could not load {spec.name!r} from {spec.checkpoint!r}: {exc}\n"
+            "An HF repo id needs hub access or a local cache (with HF_HUB_OFFLINE=1 only the cache is used); "
+            "a directory must hold a pipeline written by save_pretrained(). Offline, use a tiny model such as "
+            "'tiny-pixart-alpha'."
+        ) from exc
+
+
+def spec_of(pipe: Any) -> ModelSpec | None:
+    """The spec a pipeline was loaded from by :func:`load_model` (``None`` for pipelines built elsewhere)."""
+    try:
+        return _SPECS.get(pipe)
+    except TypeError:
+        return None
+
+
+__all__ = ["ModelLoadError", "UnknownModelError", "load_model", "resolve_device", "resolve_dtype", "resolve_spec",
+           "spec_of"]
