@@ -1,7 +1,7 @@
 """From raw per-series step statistics to a :class:`RedundancyProfile`.
 
 The capture records, per run (pipeline call), per (site, transformer call of the step), a
-``(steps, 4, rows)`` array of step statistics. Here rows and calls are mapped to prompts and
+``(steps, fields, rows)`` array of step statistics. Here rows and calls are mapped to prompts and
 classifier-free-guidance branches:
 
 =========================== =====================================================================
@@ -118,7 +118,7 @@ def assemble_profile(runs: Sequence[RawRun], sites: Sequence[CaptureSite], layou
             if call not in pieces:
                 continue
             site = sites[site_index]
-            full = np.full((steps, 4, series.stats.shape[-1]), np.nan)
+            full = np.full((steps, *series.stats.shape[1:]), np.nan)
             full[series.steps] = series.stats
             valid = np.zeros(steps, dtype=bool)
             valid[series.steps] = series.valid

@@ -18,13 +18,17 @@ import numpy as np
 import torch
 
 METRICS = ("abs_l1", "rel_l1", "cosine")
-#: Per-sample reductions kept per step: sum|X_t - X_{t-1}|, <X_t, X_{t-1}>, sum|X_t|, ||X_t||_2.
-STAT_FIELDS = ("diff_l1", "dot", "abs_sum", "l2_norm")
-DIFF, DOT, ABS_SUM, NORM = range(4)
+#: Per-sample reductions kept per step: sum|X_t - X_{t-1}|, ||X_t - X_{t-1}||_2, <X_t, X_{t-1}>, sum|X_t|,
+#: ||X_t||_2. For the tiny angles between consecutive steps, 1 - <x,p>/(|x||p|) in float32 is all rounding
+#: error; 1 - cos = (||d||^2 - (|x| - |p|)^2) / (2 |x| |p|) from the difference's norm is accurate there,
+#: and the dot product form is accurate for large angles or very different magnitudes. Each cell uses the
+#: form with the smaller float32 rounding bound: ~eps (d^2 + (|x|-|p|)^2) / (2|x||p|) versus ~eps.
+STAT_FIELDS = ("diff_l1", "diff_l2", "dot", "abs_sum", "l2_norm")
+DIFF, DIFF_L2, DOT, ABS_SUM, NORM = range(5)
 
 
 def step_stats(current: torch.Tensor, previous: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """Reduce one step's tensor to a ``(4, rows)`` float32 tensor on its device.
+    """Reduce one step's tensor to a ``(5, rows)`` float32 tensor on its device.
 
     ``current`` is viewed as ``rows`` samples (sample-major: row ``r`` of a folded batch belongs to sample
     ``r // (batch / rows)``). With no ``previous`` the difference fields are zero. No host sync happens here.
@@ -36,31 +40,38 @@ def step_stats(current: torch.Tensor, previous: torch.Tensor | None, rows: int) 
     l2 = torch.linalg.vector_norm(x, ord=2, dim=1)
     if previous is None:
         zeros = torch.zeros_like(abs_sum)
-        return torch.stack((zeros, zeros, abs_sum, l2))
+        return torch.stack((zeros, zeros, zeros, abs_sum, l2))
     p = previous.detach().reshape(rows, -1)
     if p.dtype != torch.float32:
         p = p.float()
-    diff = torch.linalg.vector_norm(x - p, ord=1, dim=1)
+    delta = x - p
+    diff = torch.linalg.vector_norm(delta, ord=1, dim=1)
+    diff_l2 = torch.linalg.vector_norm(delta, ord=2, dim=1)
     dot = torch.linalg.vecdot(x, p, dim=1)
-    return torch.stack((diff, dot, abs_sum, l2))
+    return torch.stack((diff, diff_l2, dot, abs_sum, l2))
 
 
 def metrics_from_stats(stats: np.ndarray, numel: int) -> dict[str, np.ndarray]:
-    """Turn per-step stats ``(..., steps, 4)`` into metrics ``(..., steps - 1)`` (float64 arithmetic).
+    """Turn per-step stats ``(..., steps, 5)`` into metrics ``(..., steps - 1)`` (float64 arithmetic).
 
     ``numel`` is the number of elements per sample. Degenerate cases are defined, not NaN: two all-zero
     steps have distance 0; a change away from an all-zero step has relative L1 ``inf`` and cosine 1.
     """
     stats = np.asarray(stats, dtype=np.float64)
     diff = stats[..., 1:, DIFF]
-    dot = stats[..., 1:, DOT]
+    diff_l2 = stats[..., 1:, DIFF_L2]
     prev_abs = stats[..., :-1, ABS_SUM]
-    norms = stats[..., 1:, NORM] * stats[..., :-1, NORM]
+    now, before = stats[..., 1:, NORM], stats[..., :-1, NORM]
+    norms = now * before
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(prev_abs > 0, diff / prev_abs, np.where(diff == 0, 0.0, np.inf))
-        cos = np.where(norms > 0, 1.0 - dot / norms, np.where(diff == 0, 0.0, 1.0))
+        by_norms = np.clip((diff_l2**2 - (now - before) ** 2) / (2 * norms), 0.0, 2.0)
+        by_dot = np.clip(1.0 - stats[..., 1:, DOT] / norms, 0.0, 2.0)
+        norms_error_scale = (diff_l2**2 + (now - before) ** 2) / (2 * norms)
+        angular = np.where(norms_error_scale < 1.0, by_norms, by_dot)
+        cos = np.where(diff == 0, 0.0, np.where(norms > 0, angular, 1.0))
     rel = np.where(np.isnan(diff), np.nan, rel)
-    cos = np.where(np.isnan(dot) | np.isnan(norms), np.nan, cos)
+    cos = np.where(np.isnan(diff_l2) | np.isnan(stats[..., 1:, DOT]) | np.isnan(norms), np.nan, cos)
     return {"abs_l1": diff / numel, "rel_l1": rel, "cosine": cos}
 
 

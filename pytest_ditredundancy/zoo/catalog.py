@@ -24,42 +24,42 @@ def _builder(module: str, function: str) -> Callable[[int], Any]:
 
 FULL_SPECS: list[ModelSpec] = [
     ModelSpec("flux-dev", "flux", "FluxPipeline", "black-forest-labs/FLUX.1-dev", steps=28, height=1024,
-              width=1024, guidance_scale=3.5, scheduler="flow-euler", in_paper=True),
+              width=1024, guidance_scale=3.5, scheduler="flow-euler", in_paper=True, branch_layout="single"),
     ModelSpec("pixart-alpha", "pixart-alpha", "PixArtAlphaPipeline", "PixArt-alpha/PixArt-XL-2-1024-MS", steps=20,
               height=1024, width=1024, guidance_scale=4.5, scheduler="dpm-solver", dtype="float16",
               prediction="epsilon", branch_layout="batched-uncond-cond", in_paper=True),
     ModelSpec("sd3-medium", "sd3", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3-medium-diffusers",
               steps=28, height=1024, width=1024, guidance_scale=7.0, scheduler="flow-euler", dtype="float16",
-              in_paper=True),
+              in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("cogvideox-5b", "cogvideox", "CogVideoXPipeline", "THUDM/CogVideoX-5b", steps=50, height=480,
               width=720, num_frames=9, guidance_scale=6.0, scheduler="cogvideox-dpm", prediction="v_prediction",
-              in_paper=True),
+              in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("latte-1", "latte", "LattePipeline", "maxin-cn/Latte-1", steps=50, height=512, width=512,
               num_frames=16, guidance_scale=7.5, scheduler="ddim", dtype="float16", prediction="epsilon",
-              in_paper=True),
+              in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("mochi-1", "mochi", "MochiPipeline", "genmo/mochi-1-preview", steps=64, height=480, width=848,
-              num_frames=19, guidance_scale=4.5, scheduler="flow-euler", in_paper=True),
+              num_frames=19, guidance_scale=4.5, scheduler="flow-euler", in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("open-sora-1.2", "open-sora", "OpenSoraAdapter", "hpcai-tech/OpenSora-STDiT-v3", steps=30,
               height=480, width=848, num_frames=51, guidance_scale=7.0, scheduler="rectified-flow",
-              in_paper=True, description="not a diffusers pipeline: profiled through the adapter interface"),
+              in_paper=True, description="not a diffusers pipeline: profiled through the adapter interface", branch_layout="batched-cond-uncond"),
     ModelSpec("pixart-sigma", "pixart-sigma", "PixArtSigmaPipeline", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
               steps=20, height=1024, width=1024, guidance_scale=4.5, scheduler="dpm-solver", dtype="float16",
               prediction="epsilon", branch_layout="batched-uncond-cond"),
     ModelSpec("hunyuan-dit", "hunyuan-dit", "HunyuanDiTPipeline", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers",
               steps=50, height=1024, width=1024, guidance_scale=5.0, scheduler="ddpm", dtype="float16",
-              prediction="v_prediction"),
+              prediction="v_prediction", branch_layout="batched-uncond-cond"),
     ModelSpec("dit-xl-2-256", "dit", "DiTPipeline", "facebook/DiT-XL-2-256", steps=25, height=256, width=256,
               guidance_scale=4.0, scheduler="dpm-solver", dtype="float16", conditioning="class",
               prediction="epsilon", branch_layout="batched-cond-uncond"),
     ModelSpec("sana", "sana", "SanaPipeline", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", steps=20,
-              height=1024, width=1024, guidance_scale=4.5, scheduler="flow-dpm-solver"),
+              height=1024, width=1024, guidance_scale=4.5, scheduler="flow-dpm-solver", branch_layout="batched-uncond-cond"),
     ModelSpec("wan2.1", "wan", "WanPipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", steps=50, height=480,
               width=832, num_frames=81, guidance_scale=5.0, scheduler="flow-unipc",
               branch_layout="sequential-cond-uncond"),
     ModelSpec("ltx-video", "ltx", "LTXPipeline", "Lightricks/LTX-Video", steps=50, height=480, width=704,
-              num_frames=161, guidance_scale=3.0, scheduler="flow-euler"),
+              num_frames=161, guidance_scale=3.0, scheduler="flow-euler", branch_layout="batched-uncond-cond"),
     ModelSpec("auraflow", "auraflow", "AuraFlowPipeline", "fal/AuraFlow", steps=50, height=1024, width=1024,
-              guidance_scale=3.5, scheduler="flow-euler", dtype="float16"),
+              guidance_scale=3.5, scheduler="flow-euler", dtype="float16", branch_layout="batched-uncond-cond"),
     ModelSpec("lumina2", "lumina2", "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", steps=50, height=1024,
               width=1024, guidance_scale=4.0, scheduler="flow-euler", branch_layout="sequential-cond-uncond"),
 ]
@@ -67,6 +67,9 @@ FULL_SPECS: list[ModelSpec] = [
 #: PixArt bins resolutions to its trained aspect ratios and cleans captions with bs4/ftfy; tiny sizes are not
 #: in its bins, and caption cleaning is text preprocessing, not what we measure.
 _PIXART_TINY = {"use_resolution_binning": False, "clean_caption": False}
+#: Sana and HunyuanDiT bin too (HunyuanDiT to >= 768 px). HunyuanDiT and Lumina2 hard-code a VAE scale factor
+#: of 8, so their tiny variants run at 128 px (a 16x16 latent, 64 image tokens like the other tiny DiTs).
+_NO_BINNING = {"use_resolution_binning": False}
 
 #: family -> (module, builder function, overrides for the tiny spec).
 TINY_BUILDERS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -78,13 +81,13 @@ TINY_BUILDERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mochi-1": ("tiny_video", "build_mochi", dict(height=16, width=16, num_frames=7)),
     "open-sora-1.2": ("tiny_stdit", "build_tiny_stdit", dict(height=16, width=16, num_frames=4)),
     "pixart-sigma": ("tiny_image", "build_pixart_sigma", dict(height=32, width=32, call_kwargs=_PIXART_TINY)),
-    "hunyuan-dit": ("tiny_image", "build_hunyuan_dit", dict(height=32, width=32)),
+    "hunyuan-dit": ("tiny_image", "build_hunyuan_dit", dict(height=128, width=128, call_kwargs=_NO_BINNING)),
     "dit-xl-2-256": ("tiny_image", "build_dit", dict(height=32, width=32)),
-    "sana": ("tiny_image", "build_sana", dict(height=32, width=32)),
+    "sana": ("tiny_image", "build_sana", dict(height=32, width=32, call_kwargs=_NO_BINNING)),
     "wan2.1": ("tiny_video", "build_wan", dict(height=16, width=16, num_frames=5)),
     "ltx-video": ("tiny_video", "build_ltx", dict(height=32, width=32, num_frames=9)),
     "auraflow": ("tiny_image", "build_auraflow", dict(height=32, width=32)),
-    "lumina2": ("tiny_image", "build_lumina2", dict(height=32, width=32)),
+    "lumina2": ("tiny_image", "build_lumina2", dict(height=128, width=128)),
 }
 
 

@@ -1,0 +1,69 @@
+"""A deliberately naive reference capture: keeps every step's tensors and computes distances afterwards."""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import torch
+
+from pytest_ditredundancy.metrics import abs_l1, cosine_distance, rel_l1
+
+
+def record_every_step(pipe, run, sites):
+    """Run ``run()`` and return {(site index, call index): {step: tensor copy}}."""
+    stored: dict = defaultdict(dict)
+    state = {"step": 0, "call": -1}
+    handles = []
+
+    def on_call(module, args, kwargs):
+        state["call"] += 1
+
+    handles.append(pipe.transformer.register_forward_pre_hook(on_call, with_kwargs=True))
+    for index, site in enumerate(sites):
+        def hook(module, args, output, index=index, site=site):
+            tensor = site.tensor(output)
+            if tensor is not None:
+                stored[(index, state["call"])].setdefault(state["step"], tensor.detach().clone())
+        handles.append(site.module.register_forward_hook(hook))
+    original = pipe.scheduler.step
+
+    @functools.wraps(original)
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        state["step"] += 1
+        state["call"] = -1
+        return result
+
+    pipe.scheduler.step = step
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+        del pipe.scheduler.step
+    return stored
+
+
+def reference_series(tensors: dict, rows: int, row: int) -> dict[str, list[float]]:
+    """Metrics of one sample (``row`` of ``rows``, sample-major folding) over consecutive steps."""
+    steps = sorted(tensors)
+    per_step = [tensors[s].reshape(rows, -1)[row] for s in steps]
+    out = {"abs_l1": [], "rel_l1": [], "cosine": []}
+    for previous, current in zip(per_step, per_step[1:]):
+        out["abs_l1"].append(abs_l1(current, previous))
+        out["rel_l1"].append(rel_l1(current, previous))
+        out["cosine"].append(cosine_distance(current, previous))
+    return out
+
+
+def cond_rows(layout: str, call: int, samples: int, prompt: int) -> tuple[int, int] | None:
+    """(rows in the call's batch, row of ``prompt``'s cond branch) for a branch layout, or None."""
+    if layout == "batched-uncond-cond":
+        return (2 * samples, samples + prompt) if call == 0 else None
+    if layout == "batched-cond-uncond":
+        return (2 * samples, prompt) if call == 0 else None
+    return (samples, prompt) if call == 0 else None
+
+
+__all__ = ["cond_rows", "record_every_step", "reference_series", "torch"]
