@@ -15,6 +15,7 @@ nothing leaves the device until :meth:`RedundancyCapture.profile`, which does on
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -159,13 +160,13 @@ class RedundancyCapture:
         self._active_call = None
 
     def _after_step(self, args: tuple, kwargs: dict) -> None:
-        self.end_step(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        self.end_step(_argument(self.scheduler.step, "timestep", args, kwargs))
 
     def _on_set_timesteps(self, args: tuple, kwargs: dict) -> None:
         self.start_run()
 
     def _on_check_inputs(self, args: tuple, kwargs: dict) -> None:
-        prompt = kwargs.get("prompt", args[0] if args else None)
+        prompt = _argument(self.pipeline.check_inputs, "prompt", args, kwargs)
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
@@ -280,6 +281,16 @@ def _transformer_of(pipeline: Any) -> nn.Module:
             "(capture_redundancy(module, scheduler=...)) or use an adapter (pytest_ditredundancy.adapters)"
         )
     return module
+
+
+def _argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value passed for parameter ``name`` (schedulers differ in where ``timestep`` sits)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        return inspect.signature(function).bind_partial(*args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):
+        return None
 
 
 def _guidance_active(pipeline: Any) -> bool:

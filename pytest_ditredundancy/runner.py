@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .adapters import DenoisingLoop, profile_loop
 from .capture import capture_redundancy
 from .profile import RedundancyProfile
 from .prompts import default_prompts, select_prompts
@@ -69,7 +70,7 @@ def call_kwargs(spec: ModelSpec, settings: RunSettings, prompts: Sequence[str], 
         if settings.height:
             kwargs["height"], kwargs["width"] = settings.height, settings.width
         if settings.num_frames:
-            kwargs["num_frames"] = settings.num_frames
+            kwargs[spec.frames_argument] = settings.num_frames
     if settings.guidance_scale is not None:
         kwargs["guidance_scale"] = settings.guidance_scale
     kwargs.update(spec.call_kwargs)
@@ -90,7 +91,8 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
                   height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0,
                   progress: Callable[[int, int, float], None] | None = None) -> RedundancyProfile:
-    """Profile ``model`` (a name, HF id, directory, spec, or an already loaded pipeline).
+    """Profile ``model`` (a name, HF id, directory, spec, an already loaded pipeline, or an adapter
+    :class:`~pytest_ditredundancy.adapters.DenoisingLoop`).
 
     Prompt ``i`` always gets the generator seed ``seed + prompt_offset + i``, so the profile of a prompt does
     not depend on its batch or shard. ``progress(done, total, steps_per_second)`` is called after each batch.
@@ -111,6 +113,9 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
         raise ValueError("prompts must be a non-empty list of non-empty strings")
     settings = settings_for(spec, steps=steps, scheduler=scheduler, seed=seed, num_prompts=len(chosen),
                             height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale)
+    if isinstance(pipe, DenoisingLoop):  # not a diffusers pipeline: it brings its own sampler and step boundaries
+        return _profile_denoising_loop(pipe, spec, settings, chosen, scheduler=scheduler, batch_size=batch_size,
+                                       kinds=kinds, prompt_offset=prompt_offset, progress=progress)
     apply_scheduler(pipe, scheduler)  # a fresh scheduler every run: no state leaks between profiles
     started, done = time.perf_counter(), 0
     layout = "single" if settings.guidance_scale is not None and settings.guidance_scale <= 1 else spec.branch_layout
@@ -127,6 +132,23 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
         num_frames=settings.num_frames, guidance_scale=settings.guidance_scale, prompts=list(chosen),
         extra={"settings_key": settings.key(), "scheduler_alias": settings.scheduler, "batch_size": batch_size,
                "prompt_offset": prompt_offset, "family": spec.family},
+    )
+
+
+def _profile_denoising_loop(loop: DenoisingLoop, spec: ModelSpec, settings: RunSettings, prompts: list[str], *,
+                            scheduler: str | None, batch_size: int, kinds: Iterable[str], prompt_offset: int,
+                            progress: Callable[[int, int, float], None] | None) -> RedundancyProfile:
+    """``profile_model`` for an adapter loop (:mod:`pytest_ditredundancy.adapters`): same settings, same metadata."""
+    if scheduler not in (None, "default", spec.scheduler):
+        raise ValueError(f"{spec.name} samples with its own loop ({spec.scheduler}); it cannot switch to scheduler "
+                         f"{scheduler!r}")
+    sizes = {"height": settings.height, "width": settings.width, "num_frames": settings.num_frames}
+    return profile_loop(
+        loop, prompts, steps=settings.steps, seed=settings.seed, batch_size=batch_size,
+        guidance_scale=settings.guidance_scale, kinds=kinds, model_name=spec.name, progress=progress,
+        prompt_offset=prompt_offset, run_kwargs={k: v for k, v in sizes.items() if v}, model_id=spec.checkpoint,
+        **sizes, extra={"settings_key": settings.key(), "scheduler_alias": settings.scheduler,
+                        "batch_size": batch_size, "prompt_offset": prompt_offset, "family": spec.family},
     )
 
 

@@ -21,7 +21,8 @@ def run_once(pipe, spec, prompts=PROMPTS, steps=STEPS):
     settings = settings_for(spec, steps=steps, num_prompts=len(prompts))
     generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
     output = pipe(**call_kwargs(spec, settings, prompts, pipe, generators))
-    return output[0] if isinstance(output, tuple) else getattr(output, "images", getattr(output, "frames", output))
+    output = output[0] if isinstance(output, tuple) else getattr(output, "images", getattr(output, "frames", output))
+    return torch.as_tensor(output)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -63,7 +64,8 @@ def test_every_layer_and_kind_gets_steps_minus_one_values(family):
         k, l = profile.kinds.index(site.kind), profile.layers.index(site.layer)
         assert profile.computed[:, cond, k, l].all(), f"{site.layer}/{site.kind} missing steps"
     assert not profile.nonfinite.any()
-    assert profile.metadata.prompts == PROMPTS
+    if spec.conditioning == "text":  # prompts are read from the pipeline's check_inputs
+        assert profile.metadata.prompts == PROMPTS
     assert len(profile.metadata.timesteps) == STEPS
 
 
@@ -94,10 +96,16 @@ def test_streamed_values_equal_brute_force(family):
     assert checked >= len(sites)
 
 
+#: Lumina2 packs text and image tokens to the longest sequence in the batch, and the padding positions are part
+#: of its K/V/A tensors (README, "Known limitations"): batch invariance holds for prompts of equal length.
+EQUAL_LENGTH_PROMPTS = ["a red bus on a bridge", "a cat on a green sofa"]
+
+
 def test_batched_prompts_equal_one_prompt_at_a_time(family):
     spec, pipe = family
-    batched = profile_model(pipe, prompts=PROMPTS, steps=STEPS, batch_size=2)
-    single = profile_model(pipe, prompts=PROMPTS, steps=STEPS, batch_size=1)
+    prompts = EQUAL_LENGTH_PROMPTS if spec.family == "lumina2" else PROMPTS
+    batched = profile_model(pipe, prompts=prompts, steps=STEPS, batch_size=2)
+    single = profile_model(pipe, prompts=prompts, steps=STEPS, batch_size=1)
     assert batched.branches == single.branches
     np.testing.assert_array_equal(batched.computed, single.computed)
     for metric in batched.values:

@@ -22,6 +22,10 @@ def _builder(module: str, function: str) -> Callable[[int], Any]:
     return build
 
 
+#: Latte's default mask_feature=True trims every prompt's embedding to the longest prompt *in the batch* and
+#: passes no attention mask, so a prompt's result would depend on its batch-mates (and on sharding).
+_LATTE = {"mask_feature": False}
+
 FULL_SPECS: list[ModelSpec] = [
     ModelSpec("flux-dev", "flux", "FluxPipeline", "black-forest-labs/FLUX.1-dev", steps=28, height=1024,
               width=1024, guidance_scale=3.5, scheduler="flow-euler", in_paper=True, branch_layout="single"),
@@ -35,7 +39,7 @@ FULL_SPECS: list[ModelSpec] = [
               width=720, num_frames=9, guidance_scale=6.0, scheduler="cogvideox-dpm", prediction="v_prediction",
               in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("latte-1", "latte", "LattePipeline", "maxin-cn/Latte-1", steps=50, height=512, width=512,
-              num_frames=16, guidance_scale=7.5, scheduler="ddim", dtype="float16", prediction="epsilon",
+              num_frames=16, frames_argument="video_length", guidance_scale=7.5, call_kwargs=_LATTE, scheduler="ddim", dtype="float16", prediction="epsilon",
               in_paper=True, branch_layout="batched-uncond-cond"),
     ModelSpec("mochi-1", "mochi", "MochiPipeline", "genmo/mochi-1-preview", steps=64, height=480, width=848,
               num_frames=19, guidance_scale=4.5, scheduler="flow-euler", in_paper=True, branch_layout="batched-uncond-cond"),

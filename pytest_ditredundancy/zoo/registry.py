@@ -42,6 +42,7 @@ class ModelSpec:
     scheduler: str
     dtype: str = "bfloat16"
     num_frames: int | None = None
+    frames_argument: str = "num_frames"  # the pipeline's name for it (Latte: video_length)
     conditioning: str = "text"  # "text" prompts, or "class" labels (DiT)
     prediction: str = "flow"  # "epsilon" / "v_prediction" / "flow": which schedulers suit it
     branch_layout: str = "auto"
