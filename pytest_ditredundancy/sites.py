@@ -73,9 +73,20 @@ def is_attention_module(module: nn.Module) -> bool:
     return isinstance(getattr(module, "to_k", None), nn.Module) and isinstance(getattr(module, "to_v", None), nn.Module)
 
 
+def uses_fused_projections(module: nn.Module) -> bool:
+    """Whether the module's forward computes Q/K/V through a fused projection right now.
+
+    Legacy ``Attention`` fuses by switching to a ``Fused*`` processor (and keeps ``to_qkv`` after unfusing);
+    ``AttentionModuleMixin`` modules (Flux, Wan, ...) fuse by setting ``fused_projections``.
+    """
+    processor = getattr(module, "processor", None)
+    if processor is not None and type(processor).__name__.startswith("Fused"):
+        return True
+    return bool(getattr(module, "_supports_qkv_fusion", False) and getattr(module, "fused_projections", False))
+
+
 def _check_not_fused(name: str, module: nn.Module) -> None:
-    fused = getattr(module, "fused_projections", False) or isinstance(getattr(module, "to_qkv", None), nn.Module)
-    if fused:
+    if uses_fused_projections(module):
         raise FusedProjectionError(
             f"attention layer {name!r} ({type(module).__name__}) uses fused QKV projections, so its K and V are "
             "never computed by to_k/to_v and cannot be captured. Call `transformer.unfuse_qkv_projections()` "

@@ -22,6 +22,15 @@ def _builder(module: str, function: str) -> Callable[[int], Any]:
     return build
 
 
+#: PixArt bins the requested size to its trained aspect ratios, which rejects sizes it has no bins for; the
+#: square sizes the zoo uses are bins already, so binning off changes nothing there and allows small sizes.
+_PIXART = {"use_resolution_binning": False}
+#: Tiny variants also skip caption cleaning (bs4/ftfy text preprocessing, not what we measure).
+_PIXART_TINY = {**_PIXART, "clean_caption": False}
+#: Sana and HunyuanDiT bin too (HunyuanDiT to >= 768 px). HunyuanDiT and Lumina2 hard-code a VAE scale factor
+#: of 8, so their tiny variants run at 128 px (a 16x16 latent, 64 image tokens like the other tiny DiTs).
+_NO_BINNING = {"use_resolution_binning": False}
+
 #: Latte's default mask_feature=True trims every prompt's embedding to the longest prompt *in the batch* and
 #: passes no attention mask, so a prompt's result would depend on its batch-mates (and on sharding).
 _LATTE = {"mask_feature": False}
@@ -31,7 +40,7 @@ FULL_SPECS: list[ModelSpec] = [
               width=1024, guidance_scale=3.5, scheduler="flow-euler", in_paper=True, branch_layout="single"),
     ModelSpec("pixart-alpha", "pixart-alpha", "PixArtAlphaPipeline", "PixArt-alpha/PixArt-XL-2-1024-MS", steps=20,
               height=1024, width=1024, guidance_scale=4.5, scheduler="dpm-solver", dtype="float16",
-              prediction="epsilon", branch_layout="batched-uncond-cond", in_paper=True),
+              prediction="epsilon", branch_layout="batched-uncond-cond", call_kwargs=_PIXART, in_paper=True),
     ModelSpec("sd3-medium", "sd3", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3-medium-diffusers",
               steps=28, height=1024, width=1024, guidance_scale=7.0, scheduler="flow-euler", dtype="float16",
               in_paper=True, branch_layout="batched-uncond-cond"),
@@ -48,7 +57,7 @@ FULL_SPECS: list[ModelSpec] = [
               in_paper=True, description="not a diffusers pipeline: profiled through the adapter interface", branch_layout="batched-cond-uncond"),
     ModelSpec("pixart-sigma", "pixart-sigma", "PixArtSigmaPipeline", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
               steps=20, height=1024, width=1024, guidance_scale=4.5, scheduler="dpm-solver", dtype="float16",
-              prediction="epsilon", branch_layout="batched-uncond-cond"),
+              prediction="epsilon", branch_layout="batched-uncond-cond", call_kwargs=_PIXART),
     ModelSpec("hunyuan-dit", "hunyuan-dit", "HunyuanDiTPipeline", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers",
               steps=50, height=1024, width=1024, guidance_scale=5.0, scheduler="ddpm", dtype="float16",
               prediction="v_prediction", branch_layout="batched-uncond-cond"),
@@ -67,13 +76,6 @@ FULL_SPECS: list[ModelSpec] = [
     ModelSpec("lumina2", "lumina2", "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", steps=50, height=1024,
               width=1024, guidance_scale=4.0, scheduler="flow-euler", branch_layout="sequential-cond-uncond"),
 ]
-
-#: PixArt bins resolutions to its trained aspect ratios and cleans captions with bs4/ftfy; tiny sizes are not
-#: in its bins, and caption cleaning is text preprocessing, not what we measure.
-_PIXART_TINY = {"use_resolution_binning": False, "clean_caption": False}
-#: Sana and HunyuanDiT bin too (HunyuanDiT to >= 768 px). HunyuanDiT and Lumina2 hard-code a VAE scale factor
-#: of 8, so their tiny variants run at 128 px (a 16x16 latent, 64 image tokens like the other tiny DiTs).
-_NO_BINNING = {"use_resolution_binning": False}
 
 #: family -> (module, builder function, overrides for the tiny spec).
 TINY_BUILDERS: dict[str, tuple[str, str, dict[str, Any]]] = {
