@@ -58,9 +58,12 @@ def resolve_spec(model: str | os.PathLike | ModelSpec) -> ModelSpec:
 
 
 def _spec_for_checkpoint(checkpoint: str, name: str, pipeline_class: str) -> ModelSpec:
+    """A spec for a checkpoint the zoo does not name: its family's steps, guidance and scheduler, but the
+    pipeline's own default size (a saved tiny or fine-tuned model knows its size better than the family)."""
     family = _family_spec(pipeline_class)
     if family is not None:
-        return replace(family, name=name, checkpoint=checkpoint, build=None, in_paper=False)
+        return replace(family, name=name, checkpoint=checkpoint, build=None, in_paper=False, height=None, width=None,
+                       num_frames=None)
     return ModelSpec(name=name, family="custom", pipeline_class=pipeline_class, checkpoint=checkpoint, steps=20,
                      height=None, width=None, guidance_scale=None, scheduler="default")
 
