@@ -1,0 +1,180 @@
+"""Command-line options and ini settings, read once into a typed :class:`DitConfig`.
+
+Every ``--dit-*`` option has an ini twin (``dit_*``); the command line wins over the ini file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .prompts import PromptFileError, default_prompts, load_prompts, select_prompts
+from .schedulers import UnknownSchedulerError, scheduler_class_and_overrides
+
+DEFAULT_NUM_PROMPTS = 8
+
+#: (option, ini name, help, kind, default). kind: str, int, float, bool, list
+OPTIONS: list[tuple[str, str, str, str, Any]] = [
+    ("--dit-model", "dit_models", "model(s) to test: registered name, HF repo id or local directory; repeat the "
+     "option or give a comma list (default: every tiny model)", "list", []),
+    ("--dit-device", "dit_device", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps", "str", "auto"),
+    ("--dit-dtype", "dit_dtype", "dtype: auto (model's dtype on GPU, float32 on CPU), float32, float16, bfloat16",
+     "str", "auto"),
+    ("--dit-prompts", "dit_prompts", "prompt file: one prompt per line, or .jsonl with a 'prompt' field "
+     "(default: the 72 shipped prompts)", "str", ""),
+    ("--dit-num-prompts", "dit_num_prompts", "how many prompts to profile per model (default: 8 of the shipped "
+     "set, or every prompt of --dit-prompts)", "int", 0),
+    ("--dit-steps", "dit_steps", "denoising steps (default: the model's own)", "int", 0),
+    ("--dit-scheduler", "dit_scheduler", "scheduler alias or diffusers class (default: the model's own)", "str", ""),
+    ("--dit-seed", "dit_seed", "seed; prompt i uses seed + i", "int", 0),
+    ("--dit-batch-size", "dit_batch_size", "prompts per pipeline call", "int", 8),
+    ("--dit-baseline-dir", "dit_baseline_dir", "where baselines live, relative to the rootdir", "str", "baselines"),
+    ("--dit-update-baselines", "dit_update_baselines", "rewrite the baseline sections of the selected tests "
+     "instead of comparing against them", "bool", False),
+    ("--dit-step-factors", "dit_step_factors", "step-count suite: multiples of the default step count",
+     "floats", [0.5, 2.0]),
+    ("--dit-schedulers", "dit_schedulers", "scheduler suite: schedulers to compare (default: those that suit "
+     "the model's prediction type)", "list", []),
+    ("--dit-bootstrap", "dit_bootstrap", "bootstrap resamples for confidence intervals", "int", 200),
+    ("--dit-cv-bounds", "dit_cv_bounds", "prompt-stability CV bounds LO,HI used where no baseline exists",
+     "floats", []),
+    ("--dit-min-shape-correlation", "dit_min_shape_correlation", "step/scheduler suites: minimum shape "
+     "correlation used where no baseline exists", "float", 0.0),
+]
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ditredundancy", "DiT redundancy profiling (pytest-ditredundancy)")
+    for flag, ini, help_text, kind, default in OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        if kind == "bool":
+            group.addoption(flag, action="store_true", default=None, dest=dest, help=help_text)
+            parser.addini(ini, help_text, type="bool", default=default)
+        elif kind in ("list", "floats"):
+            group.addoption(flag, action="append", default=None, dest=dest, metavar="VALUE", help=help_text)
+            parser.addini(ini, help_text, type="args", default=[])
+        else:
+            group.addoption(flag, action="store", default=None, dest=dest, metavar=kind.upper(), help=help_text)
+            parser.addini(ini, help_text, default=str(default))
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+
+
+def _raw(config: pytest.Config, flag: str, ini: str, kind: str, default: Any) -> Any:
+    value = config.getoption(flag[2:].replace("-", "_"))
+    if value is None or value == []:
+        value = config.getini(ini)
+        if kind in ("list", "floats") and not value:
+            return default
+        if kind == "bool":
+            return bool(value)
+    if kind in ("list", "floats"):
+        parts = _split(value if isinstance(value, list) else [value])
+        if kind == "floats":
+            try:
+                return [float(p) for p in parts]
+            except ValueError:
+                raise pytest.UsageError(f"{flag} expects numbers separated by commas, got {','.join(parts)!r}") from None
+        return parts
+    if kind == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise pytest.UsageError(f"{flag} (ini {ini}) expects a whole number, got {value!r}") from None
+    if kind == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise pytest.UsageError(f"{flag} (ini {ini}) expects a number, got {value!r}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class DitConfig:
+    """The plugin's settings for this session (one place that reads options and ini)."""
+
+    models: tuple[str, ...]
+    device: str
+    dtype: str
+    prompts: tuple[str, ...]
+    prompt_source: str
+    num_prompts: int
+    steps: int | None
+    scheduler: str | None
+    seed: int
+    batch_size: int
+    baseline_dir: Path
+    update_baselines: bool
+    step_factors: tuple[float, ...]
+    schedulers: tuple[str, ...]
+    bootstrap: int
+    cv_bounds: tuple[float, float] | None
+    min_shape_correlation: float | None
+    given: dict[str, str] = field(default_factory=dict)  # options the user set, to rebuild commands
+
+    @property
+    def prompt_digest(self) -> str | None:
+        """Short hash of a custom prompt set (part of the baseline key); None for the shipped prompts."""
+        if not self.prompt_source:
+            return None
+        return hashlib.sha256("\n".join(self.prompts).encode("utf-8")).hexdigest()[:8]
+
+    def command(self, model: str, *extra: str) -> str:
+        """The pytest command line that reproduces this session's settings for ``model``."""
+        parts = ["pytest", "suites", f"--dit-model={model}"]
+        parts += [f"{flag}={value}" for flag, value in self.given.items() if flag != "--dit-model"]
+        return " ".join([*parts, *extra])
+
+
+def read_config(config: pytest.Config) -> DitConfig:
+    values = {ini: _raw(config, flag, ini, kind, default) for flag, ini, _, kind, default in OPTIONS}
+    given = {}
+    for flag, ini, _, kind, _default in OPTIONS:
+        raw = config.getoption(flag[2:].replace("-", "_"))
+        if raw not in (None, []) and kind != "bool" and flag not in ("--dit-update-baselines",):
+            given[flag] = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+    for name in ("dit_batch_size", "dit_bootstrap"):
+        if values[name] < 1:
+            raise pytest.UsageError(f"--{name[4:].replace('_', '-')} must be at least 1 (dit-{name[4:]}), got {values[name]}")
+    if values["dit_steps"] and values["dit_steps"] < 2:
+        raise pytest.UsageError(f"--dit-steps must be at least 2 (a profile compares consecutive steps), got {values['dit_steps']}")
+    for name in [values["dit_scheduler"], *values["dit_schedulers"]]:
+        if name and name != "default":
+            try:
+                scheduler_class_and_overrides(name)
+            except UnknownSchedulerError as exc:
+                raise pytest.UsageError(str(exc)) from None
+    source = values["dit_prompts"]
+    try:
+        pool = load_prompts(Path(source).expanduser()) if source else default_prompts()
+        count = values["dit_num_prompts"] or (None if source else DEFAULT_NUM_PROMPTS)
+        if count is not None and count < 1:
+            raise ValueError(f"--dit-num-prompts must be at least 1, got {count}")
+        prompts = select_prompts(pool, count, source or "the shipped prompt set")
+    except (PromptFileError, ValueError) as exc:
+        raise pytest.UsageError(f"{exc} (--dit-prompts / --dit-num-prompts)") from None
+    bounds = values["dit_cv_bounds"]
+    if bounds and (len(bounds) != 2 or bounds[0] > bounds[1]):
+        raise pytest.UsageError(f"--dit-cv-bounds expects LO,HI with LO <= HI, got {bounds}")
+    factors = values["dit_step_factors"]
+    if any(f <= 0 for f in factors):
+        raise pytest.UsageError(f"--dit-step-factors must be positive, got {factors}")
+    baseline_dir = Path(values["dit_baseline_dir"]).expanduser()
+    if not baseline_dir.is_absolute():
+        baseline_dir = Path(config.rootpath) / baseline_dir
+    return DitConfig(
+        models=tuple(values["dit_models"]), device=values["dit_device"], dtype=values["dit_dtype"],
+        prompts=tuple(prompts), prompt_source=source, num_prompts=len(prompts),
+        steps=values["dit_steps"] or None, scheduler=values["dit_scheduler"] or None, seed=values["dit_seed"],
+        batch_size=values["dit_batch_size"], baseline_dir=baseline_dir,
+        update_baselines=bool(values["dit_update_baselines"]), step_factors=tuple(factors),
+        schedulers=tuple(values["dit_schedulers"]), bootstrap=values["dit_bootstrap"],
+        cv_bounds=(bounds[0], bounds[1]) if bounds else None,
+        min_shape_correlation=values["dit_min_shape_correlation"] or None, given=given,
+    )

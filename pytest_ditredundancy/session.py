@@ -1,0 +1,140 @@
+"""Per-session state: one loaded pipeline at a time, cached profiles, baseline store, and suite records.
+
+Workers (pytest-xdist) and the controller each have a :class:`DitSession`; records travel from workers to
+the controller as plain builtins in each test report's ``user_properties``, so the controller sees every
+record whatever the distribution mode.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from .baselines import BaselineStore
+from .environment import device_class
+from .options import DitConfig
+from .profile import RedundancyProfile
+from .runner import RunSettings, profile_model, settings_for
+from .zoo.loading import load_model, resolve_device, resolve_spec
+from .zoo.registry import ModelSpec, tiny_model_names
+
+#: key in ``item.user_properties`` for suite records, and for baseline files used
+RECORD_KEY = "ditredundancy"
+BASELINE_USED_KEY = "ditredundancy-baseline"
+SESSION_KEY = pytest.StashKey["DitSession"]()
+
+
+@dataclass
+class PipelineSlot:
+    """Holds at most one loaded pipeline, so two large models never sit on one device together."""
+
+    device: str
+    dtype: str
+    seed: int
+    name: str | None = None
+    pipeline: Any = None
+
+    def get(self, spec: ModelSpec) -> Any:
+        if self.name != spec.name:
+            self.release()
+            self.pipeline = load_model(spec, device=self.device, dtype=self.dtype, seed=self.seed)
+            self.name = spec.name
+        return self.pipeline
+
+    def release(self) -> None:
+        if self.pipeline is None:
+            return
+        self.pipeline, self.name = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class DitSession:
+    config: DitConfig
+    store: BaselineStore
+    slot: PipelineSlot
+    profiles: dict[tuple, RedundancyProfile] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    baselines_used: set[str] = field(default_factory=set)
+    deselected: int = 0
+    progress: Callable[[str], None] | None = None
+
+    @classmethod
+    def from_config(cls, config: DitConfig) -> "DitSession":
+        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed)
+        return cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
+
+    # -- models -------------------------------------------------------------------------------------------
+    def selected_models(self) -> list[str]:
+        return list(self.config.models) or tiny_model_names()
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    @property
+    def device_class(self) -> str:
+        return device_class(self.device)
+
+    # -- profiles -----------------------------------------------------------------------------------------
+    def settings(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RunSettings:
+        return settings_for(spec, steps=steps or self.config.steps, scheduler=scheduler or self.config.scheduler,
+                            seed=self.config.seed, num_prompts=self.config.num_prompts)
+
+    def settings_key(self, settings: RunSettings) -> str:
+        digest = self.config.prompt_digest
+        return settings.key() + (f"-prompts{digest}" if digest else "")
+
+    def profile(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RedundancyProfile:
+        """The profile of ``spec`` under the session settings (computed once per session and settings)."""
+        settings = self.settings(spec, steps=steps, scheduler=scheduler)
+        key = (spec.name, settings, self.config.prompts, self.config.device, self.config.dtype)
+        if key not in self.profiles:
+            pipe = self.slot.get(spec)
+            self.profiles[key] = profile_model(
+                pipe, prompts=list(self.config.prompts), steps=settings.steps, scheduler=settings.scheduler,
+                seed=self.config.seed, batch_size=self.config.batch_size, height=settings.height,
+                width=settings.width, num_frames=settings.num_frames, guidance_scale=settings.guidance_scale,
+                progress=self._progress_callback(spec.name, settings),
+            )
+        return self.profiles[key]
+
+    def _progress_callback(self, model: str, settings: RunSettings):
+        if self.progress is None:
+            return None
+        report = self.progress
+
+        def callback(done: int, total: int, steps_per_second: float) -> None:
+            report(f"{model} [{settings.scheduler}, {settings.steps} steps]: {done}/{total} prompts, "
+                   f"{steps_per_second:.1f} steps/s")
+
+        return callback
+
+    def spec(self, model: str) -> ModelSpec:
+        return resolve_spec(model)
+
+    def baseline_metadata(self, profile: RedundancyProfile, settings: RunSettings) -> dict[str, Any]:
+        from .environment import device_name
+
+        meta = profile.metadata
+        return {"device_class": self.device_class, "device_name": device_name(self.device), "dtype": meta.dtype,
+                "settings": {**settings.__dict__, "prompt_source": self.config.prompt_source or "shipped"},
+                "versions": meta.versions, "pipeline_class": meta.pipeline_class,
+                "transformer_class": meta.transformer_class, "scheduler_class": meta.scheduler_class}
+
+    def close(self) -> None:
+        self.slot.release()
+
+
+def relpath(path: str | Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
