@@ -1,0 +1,210 @@
+"""The plugin seen from a user's side (pytester): options, ini, parametrization, markers, baselines, errors.
+
+Runs that execute models use subprocesses: an in-process run would re-import parts of torch that may only
+be imported once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SUITES = Path(__file__).resolve().parent.parent / "suites"
+FAST = ["--dit-steps=6", "--dit-num-prompts=3", "--dit-step-factors=2", "-p", "no:cacheprovider"]
+
+
+def use_suites(pytester: pytest.Pytester) -> Path:
+    target = pytester.path / "suites"
+    shutil.copytree(SUITES, target)
+    pytester.makeini("[pytest]\n")
+    return target
+
+
+def test_options_are_grouped_with_ini_twins(pytester):
+    result = pytester.runpytest("--help")
+    text = result.stdout.str()
+    assert "DiT redundancy profiling" in text
+    for option in ("--dit-model", "--dit-device", "--dit-dtype", "--dit-prompts", "--dit-num-prompts", "--dit-steps",
+                   "--dit-scheduler", "--dit-seed", "--dit-batch-size", "--dit-baseline-dir",
+                   "--dit-update-baselines"):
+        assert option in text
+        assert option[2:].replace("-", "_").replace("dit_model", "dit_models") in text  # ini twin listed
+
+
+def test_models_parametrize_tests_with_their_names_as_ids(pytester):
+    pytester.makepyfile("def test_model(dit_model):\n    assert dit_model.name\n")
+    result = pytester.runpytest("--collect-only", "-q", "--dit-model=tiny-dit-xl-2-256,tiny-sd3-medium",
+                                "--dit-model=tiny-flux-dev")
+    result.stdout.fnmatch_lines(["*test_model[[]tiny-dit-xl-2-256[]]", "*test_model[[]tiny-sd3-medium[]]",
+                                 "*test_model[[]tiny-flux-dev[]]"])
+    result = pytester.runpytest("--collect-only", "-q", "--dit-model=tiny-dit-xl-2-256,tiny-sd3-medium", "-k", "sd3")
+    result.stdout.fnmatch_lines(["*test_model[[]tiny-sd3-medium[]]", "*1/2 tests collected*"])
+
+
+def test_ini_selects_models_and_the_command_line_wins(pytester):
+    pytester.makeini("[pytest]\ndit_models = tiny-dit-xl-2-256\ndit_num_prompts = 2\n")
+    pytester.makepyfile("def test_model(dit_model, dit_session):\n"
+                        "    assert dit_session.config.num_prompts == 2\n")
+    pytester.runpytest("--collect-only", "-q").stdout.fnmatch_lines(["*test_model[[]tiny-dit-xl-2-256[]]"])
+    pytester.runpytest("--collect-only", "-q", "--dit-model=tiny-flux-dev").stdout.fnmatch_lines(
+        ["*test_model[[]tiny-flux-dev[]]"])
+
+
+def test_default_selection_is_every_tiny_model(pytester):
+    from pytest_ditredundancy.zoo import tiny_model_names
+
+    pytester.makepyfile("def test_model(dit_model):\n    pass\n")
+    result = pytester.runpytest("--collect-only", "-q")
+    result.stdout.fnmatch_lines([f"*{len(tiny_model_names())} tests collected*"])
+
+
+def test_header_names_models_device_and_versions(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest("--dit-model=tiny-dit-xl-2-256")
+    result.stdout.fnmatch_lines(["ditredundancy: models: tiny-dit-xl-2-256", "ditredundancy: device cpu*",
+                                 "ditredundancy: torch *, diffusers *"])
+
+
+def test_markers_are_registered_and_work(pytester):
+    pytester.makepyfile(
+        "import pytest\n"
+        "@pytest.mark.dit_families('sd3')\n"
+        "def test_only_sd3(dit_model):\n    assert dit_model.family == 'sd3'\n"
+        "@pytest.mark.gpu\n"
+        "def test_needs_gpu():\n    pass\n"
+    )
+    result = pytester.runpytest_subprocess("--strict-markers", "-rs", "--dit-model=tiny-sd3-medium,tiny-dit-xl-2-256",
+                                "--dit-device=cpu")
+    result.assert_outcomes(passed=1, skipped=1, deselected=1)
+    result.stdout.fnmatch_lines(["*needs a CUDA GPU; this run uses cpu*"])
+    assert "dit_families" in pytester.runpytest_subprocess("--markers").stdout.str()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dit-scheduler=eulr"], "unknown scheduler 'eulr'. Did you mean euler"),
+    (["--dit-num-prompts=500"], "500 prompts requested but the shipped prompt set has only 72"),
+    (["--dit-steps=1"], "--dit-steps must be at least 2"),
+    (["--dit-cv-bounds=0.5,0.1"], "LO <= HI"),
+])
+def test_bad_options_are_usage_errors(pytester, args, message):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+def test_prompt_file_larger_request_names_the_file(pytester):
+    prompts = pytester.path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n", encoding="utf-8")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest(f"--dit-prompts={prompts}", "--dit-num-prompts=3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "prompts.txt has only 2" in result.stderr.str()
+
+
+def test_unknown_model_fails_its_tests_with_close_names(pytester):
+    pytester.makepyfile("def test_model(dit_model):\n    pass\n")
+    result = pytester.runpytest_subprocess("--dit-model=tiny-pixart-alfa")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*unknown model 'tiny-pixart-alfa'. Did you mean: tiny-pixart-alpha*"])
+
+
+def test_missing_baseline_fails_with_the_command_that_creates_it(pytester):
+    use_suites(pytester)
+    result = pytester.runpytest_subprocess("suites/test_prompt_stability.py", "--dit-model=tiny-dit-xl-2-256", *FAST)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no prompt_stability baseline for tiny-dit-xl-2-256*",
+                                 "*pytest suites --dit-model=tiny-dit-xl-2-256 --dit-num-prompts=3 --dit-steps=6 "
+                                 "--dit-step-factors=2 --dit-update-baselines -k prompt_stability*"])
+
+
+def test_update_then_compare_then_damaged_baseline(pytester):
+    use_suites(pytester)
+    args = ["suites", "--dit-model=tiny-dit-xl-2-256", *FAST]
+    created = pytester.runpytest_subprocess(*args, "--dit-update-baselines")
+    created.assert_outcomes(passed=4, skipped=1)
+    files = list((pytester.path / "baselines" / "tiny-dit-xl-2-256").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
+    assert data["profile"]["layers"] and data["metadata"]["device_class"] == "cpu"
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4, skipped=1)
+
+    # updating one suite keeps the others' sections
+    before = data["suites"]["step_stability"]
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-k", "prompt").assert_outcomes(passed=1, deselected=4)
+    assert json.loads(files[0].read_text())["suites"]["step_stability"] == before
+
+    files[0].write_text(files[0].read_text()[:200])
+    damaged = pytester.runpytest_subprocess(*args, "-k", "baseline")
+    damaged.assert_outcomes(failed=1, deselected=4)
+    damaged.stdout.fnmatch_lines([f"*baseline *{files[0].name} is corrupt or truncated*--dit-update-baselines*"])
+    assert len(files[0].read_text()) == 200  # never overwritten without the flag
+
+
+def test_old_schema_and_layer_mismatch_are_explained(pytester):
+    use_suites(pytester)
+    args = ["suites/test_baseline_regression.py", "--dit-model=tiny-dit-xl-2-256", *FAST]
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines").assert_outcomes(passed=1)
+    path = next((pytester.path / "baselines" / "tiny-dit-xl-2-256").glob("*.json"))
+    data = json.loads(path.read_text())
+    data["profile"]["layers"] = data["profile"]["layers"][:-1]
+    for kind in data["profile"]["mean"]:
+        data["profile"]["mean"][kind] = data["profile"]["mean"][kind][:-1]
+        data["profile"]["spread"][kind] = data["profile"]["spread"][kind][:-1]
+    path.write_text(json.dumps(data))
+    result = pytester.runpytest_subprocess(*args)
+    result.stdout.fnmatch_lines(["*has 1 attention layers, tiny-dit-xl-2-256 now has 2*"])
+    data["schema_version"] = 0
+    path.write_text(json.dumps(data))
+    pytester.runpytest_subprocess(*args).stdout.fnmatch_lines(["*has schema version 0, this plugin reads version 1*"])
+
+
+PERTURB = '''
+from dataclasses import replace
+import torch
+from pytest_ditredundancy import get_spec, register_model
+
+spec = get_spec("tiny-pixart-alpha")
+
+def build(seed):
+    pipe = spec.build(seed)
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[1].attn1.to_v.weight.mul_(3.0)
+    return pipe
+
+register_model(replace(spec, build=build), replace_existing=True)
+'''
+
+
+def test_a_perturbed_layer_fails_the_baseline_suite_and_is_named(pytester):
+    use_suites(pytester)
+    args = ["suites/test_baseline_regression.py", "--dit-model=tiny-pixart-alpha", *FAST]
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines").assert_outcomes(passed=1)
+    pytester.makeconftest(PERTURB)
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "tiny-pixart-alpha drifted from its baseline" in text
+    assert "largest drift at layer transformer_blocks.1.attn1" in text
+    assert "layers by drifting cells: transformer_blocks.1.attn1" in text
+
+
+def test_parallel_run_matches_serial_and_keeps_every_section(pytester):
+    pytest.importorskip("xdist")
+    use_suites(pytester)
+    args = ["suites", "--dit-model=tiny-dit-xl-2-256,tiny-pixart-alpha", *FAST]
+    pytester.runpytest_subprocess(*args, "-n", "2", "--dit-update-baselines").assert_outcomes(passed=9)
+    for model in ("tiny-dit-xl-2-256", "tiny-pixart-alpha"):
+        data = json.loads(next((pytester.path / "baselines" / model).glob("*.json")).read_text())
+        assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
+        assert "profile" in data
+    parallel = pytester.runpytest_subprocess(*args, "-n", "2")
+    parallel.assert_outcomes(passed=9)
+    serial = pytester.runpytest_subprocess(*args)
+    serial.assert_outcomes(passed=9)
+    summary = [line for line in serial.stdout.lines if line.startswith("tiny-")]
+    assert summary and all(line in parallel.stdout.lines for line in summary)
