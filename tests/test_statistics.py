@@ -302,8 +302,9 @@ def test_summarize_drift():
     text = summarize_drift(drifts, LAYERS, max_rows=3)
     lines = text.splitlines()
     assert lines[0] == "4 cells out of tolerance (v: 1, a: 2, k: 1)"
-    assert lines[1] == "drift starts at layer blocks.1 (layer 2 of 4)"
-    assert lines[2] == "layers by drifting cells: blocks.1 (2), blocks.2 (1), blocks.3 (1)"
+    assert lines[1] == "largest drift at layer blocks.2"  # the unmeasured cell: infinite excess
+    assert lines[2].startswith("drift starts at layer blocks.1 (layer 2 of 4)")
+    assert lines[3] == "layers by drifting cells: blocks.1 (2), blocks.2 (1), blocks.3 (1)"
     assert "+100.0%" in text and "unmeasured" in text and "... and 1 more" in text
     header = next(line for line in lines if "baseline" in line and "tolerance" in line)
     assert header.split() == ["kind", "layer", "step", "baseline", "now", "change", "tolerance"]
