@@ -12,11 +12,17 @@ from typing import Any, Callable
 import pytest
 
 from .baselines import BaselineStore, relative, stale_baselines
+from .cache import config as cache_config
+from .cache.check import CacheCheck
+from .cache.spec import CacheSpec
 from .checks import SuiteCheck, model_distinctness
+from .distributed import configure_worker, progress_sink, register_xdist_hooks
 from .environment import versions
 from .options import add_options, read_config
 from .profile import RedundancyProfile
+from .report.collector import ReportCollector
 from .session import BASELINE_USED_KEY, RECORD_KEY, SESSION_KEY, DitSession
+from .shard import DeferredChecks, deferred_distinctness
 from .zoo.loading import resolve_spec
 from .zoo.registry import ModelSpec, UnknownModelError
 
@@ -31,12 +37,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config):
+    register_xdist_hooks(config)  # before xdist resolves -n auto
+    return (yield)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
-    dit = DitSession.from_config(read_config(config))
+    dit = DitSession.from_config(configure_worker(config, read_config(config)))
+    dit.progress = progress_sink(config)
     config.stash[SESSION_KEY] = dit
+    cache_config.cache_options(config)  # a bad --dit-cache is a usage error now
     config.pluginmanager.register(DitReporter(dit), "ditredundancy-reporter")
+    config.pluginmanager.register(ReportCollector(config, dit), "ditredundancy-report")
 
 
 def _session(config: pytest.Config) -> DitSession:
@@ -61,6 +76,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dit_model" in metafunc.fixturenames:
         models = _session(metafunc.config).selected_models()
         metafunc.parametrize("dit_model", models, ids=models, indirect=True, scope="session")
+    if "dit_cache" in metafunc.fixturenames:
+        metafunc.parametrize("dit_cache", cache_config.parameters(metafunc.config), indirect=True)
 
 
 def _family_of(name: str) -> str | None:
@@ -154,6 +171,9 @@ def dit_check(request: pytest.FixtureRequest, dit_session: DitSession, dit_model
         def test_prompt_stability(dit_check):
             dit_check.prompt_stability()
     """
+    if dit_session.config.shard:  # a shard sees some prompts only: the merge judges the suites
+        return DeferredChecks(lambda item: SuiteCheck(dit_session, dit_model, item), request.node,
+                              dit_session.config.shard)
     return SuiteCheck(dit_session, dit_model, request.node)
 
 
@@ -165,7 +185,26 @@ def dit_distinctness(request: pytest.FixtureRequest, dit_session: DitSession) ->
         def test_models_differ(dit_distinctness):
             dit_distinctness()
     """
+    if dit_session.config.shard:
+        return lambda: deferred_distinctness(dit_session, request.node, dit_session.config.shard)
     return lambda: model_distinctness(dit_session, request.node)
+
+
+@pytest.fixture
+def dit_cache(request: pytest.FixtureRequest) -> CacheSpec:
+    """The caching strategy under test, one of ``--dit-cache`` (tests using it are parametrized over them)."""
+    return cache_config.spec_of(request)
+
+
+@pytest.fixture
+def dit_cache_check(request: pytest.FixtureRequest, dit_session: DitSession, dit_model: ModelSpec,
+                    dit_cache: CacheSpec) -> CacheCheck:
+    """The cache gate for ``dit_model`` x ``dit_cache`` (see docs/cache.md)::
+
+        def test_cache_gate(dit_cache_check):
+            dit_cache_check.gate()
+    """
+    return CacheCheck(dit_session, dit_model, request.node, dit_cache)
 
 
 # -- results and summary ------------------------------------------------------------------------------------------
@@ -206,10 +245,12 @@ class DitReporter:
 
 
 def summary_lines(records: list[dict]) -> list[str]:
-    """One line per model with its key numbers."""
+    """One line per model with its key numbers, and one line for the cross-model comparison."""
     by_model: dict[str, list[dict]] = {}
+    pairs = [r for r in records if r["suite"] == "model_distinctness"]
     for record in records:
-        by_model.setdefault(record["model"], []).append(record)
+        if record["suite"] != "model_distinctness":
+            by_model.setdefault(record["model"], []).append(record)
     lines = []
     for model, entries in by_model.items():
         parts = []
@@ -224,10 +265,14 @@ def summary_lines(records: list[dict]) -> list[str]:
         drift = [e for e in entries if e["suite"] == "baseline_regression"]
         if drift:
             parts.append(f"baseline drift {int(drift[-1]['value'] or 0)} cells")
-        ratio = [e for e in entries if e["suite"] == "model_distinctness"]
-        if ratio:
-            value = ratio[-1]["value"]
-            parts.append(f"between/within {value:.2f}" if value is not None else "between/within inf")
+        parts += [f"cache {e['strategy']} PSNR {e['value']:.1f} skip {e['skipped']['attention']:.0%} "
+                  f"x{e['speedup']:.2f}" for e in entries if e["suite"] == "cache_gate" and e.get("value") is not None]
         failed = sum(not e["passed"] for e in entries)
         lines.append(f"{model}: {'FAIL' if failed else 'ok'}; " + "; ".join(parts))
+    if pairs:
+        worst = min(pairs, key=lambda r: float("inf") if r["value"] is None else r["value"])
+        failed = sum(not r["passed"] for r in pairs)
+        value = "inf" if worst["value"] is None else f"{worst['value']:.2f}"
+        lines.append(f"model distinctness: {'FAIL' if failed else 'ok'}; {len(pairs)} pairs, lowest "
+                     f"between/within {value} ({worst['model']}){f'; {failed} pairs not distinct' if failed else ''}")
     return lines

@@ -14,6 +14,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "flow-dpm-solver": ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
     "flow-unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
     "cogvideox-dpm": ("CogVideoXDPMScheduler", {}),
@@ -25,7 +26,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 COMPATIBLE: dict[str, tuple[str, ...]] = {
     "epsilon": ("dpm-solver", "euler", "ddim"),
     "v_prediction": ("dpm-solver", "euler", "ddim"),
-    "flow": ("flow-euler", "flow-heun", "flow-dpm-solver"),
+    # Heun and DPM-Solver reject the custom sigmas some pipelines pass (Flux, LTX, Mochi, Lumina2):
+    # Karras-spaced Euler still gives those a second schedule to compare.
+    "flow": ("flow-euler", "flow-heun", "flow-dpm-solver", "flow-euler-karras"),
 }
 
 
