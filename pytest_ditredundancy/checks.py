@@ -121,8 +121,13 @@ class SuiteCheck:
                 self.missing("prompt_stability")
         failures = []
         for r in results:
-            bounds = (stored or {}).get(r.kind, {}).get("bounds") or list(self.session.config.cv_bounds or [])
-            ok = not bounds or (np.isfinite(r.robust_cv) and bounds[0] <= r.robust_cv <= bounds[1])
+            if stored is not None and r.kind not in stored:
+                self.record("prompt_stability", f"robust_cv[{r.kind}]", r.robust_cv, None, False, kind=r.kind)
+                failures.append(f"  {r.kind:7s} robust CV {_fmt(r.robust_cv)}: no bound in the baseline (a kind the "
+                                "baseline did not capture); update the baseline to include it")
+                continue
+            bounds = stored[r.kind]["bounds"] if stored is not None else list(self.session.config.cv_bounds)
+            ok = bool(np.isfinite(r.robust_cv)) and bounds[0] <= r.robust_cv <= bounds[1]
             self.record("prompt_stability", f"robust_cv[{r.kind}]", r.robust_cv, bounds or None, ok, kind=r.kind,
                         paper_cv=r.paper_cv, ci=[r.ci_low, r.ci_high], paper_reference=list(PAPER_CV_RANGE))
             if not ok:
@@ -253,6 +258,9 @@ class SuiteCheck:
         missing = [k for k in kinds if k not in profile.kinds]
         if missing:
             pytest.fail(f"baseline {baseline.path} has kinds {missing} that this run did not capture; {fix}", pytrace=False)
+        extra = [k for k in profile.kinds if k not in kinds]
+        if extra:
+            pytest.fail(f"this run captured kinds {extra} that baseline {baseline.path} does not have; {fix}", pytrace=False)
 
 
 # -- suite 5: model distinctness (across models) ------------------------------------------------------------

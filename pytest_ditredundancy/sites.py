@@ -16,7 +16,8 @@ a        first output of the attention module: after ``to_out`` where the module
          modules without an output projection (Flux single blocks) the attention result itself
 k_text   output of ``add_k_proj`` (joint attention: SD3, Flux double blocks, AuraFlow MMDiT, Mochi)
 v_text   output of ``add_v_proj``
-a_text   second output of a joint attention module, after ``to_add_out``
+a_text   second output of a joint attention module, after ``to_add_out`` (CogVideoX: the text part of its
+         joint output; its ``to_k``/``to_v`` project the joint [text, video] sequence, so its k/v cover both)
 ======== ===================================================================================
 
 In cross-attention layers ``to_k``/``to_v`` project the text, so their K/V do not change with the step; the
@@ -112,6 +113,8 @@ def discover_sites(transformer: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS)
             candidates += [("k_text", module.add_k_proj, None), ("v_text", module.add_v_proj, None)]
             if isinstance(getattr(module, "to_add_out", None), nn.Module):
                 candidates.append(("a_text", module, second_output))
+        elif type(getattr(module, "processor", None)).__name__.startswith("CogVideoX"):
+            candidates.append(("a_text", module, second_output))  # one joint sequence, output split (video, text)
         sites += [CaptureSite(name, kind, target, select) for kind, target, select in candidates if kind in wanted]
     if not sites:
         raise ValueError(
