@@ -69,11 +69,11 @@ FULL_SPECS: list[ModelSpec] = [
     ModelSpec("wan2.1", "wan", "WanPipeline", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", steps=50, height=480,
               width=832, num_frames=81, guidance_scale=5.0, scheduler="flow-unipc",
               branch_layout="sequential-cond-uncond"),
-    ModelSpec("ltx-video", "ltx", "LTXPipeline", "Lightricks/LTX-Video", steps=50, height=480, width=704,
+    ModelSpec("ltx-video", "ltx", "LTXPipeline", "Lightricks/LTX-Video", steps=50, height=512, width=704,
               num_frames=161, guidance_scale=3.0, scheduler="flow-euler", branch_layout="batched-uncond-cond"),
     ModelSpec("auraflow", "auraflow", "AuraFlowPipeline", "fal/AuraFlow", steps=50, height=1024, width=1024,
               guidance_scale=3.5, scheduler="flow-euler", dtype="float16", branch_layout="batched-uncond-cond"),
-    ModelSpec("lumina2", "lumina2", "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", steps=50, height=1024,
+    ModelSpec("lumina2", "lumina2", "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", steps=30, height=1024,
               width=1024, guidance_scale=4.0, scheduler="flow-euler", branch_layout="sequential-cond-uncond"),
 ]
 
