@@ -11,8 +11,9 @@ layout                      meaning
 ``batched-cond-uncond``     one call per step, batch ``[cond, uncond]`` (DiT)
 ``sequential-cond-uncond``  two calls per step, first cond then uncond (Wan, Lumina2)
 ``single``                  one call per step, no guidance batch
-``auto``                    ``batched-uncond-cond`` if the pipeline reports guidance on and a single
-                            call per step has an even batch; ``sequential-cond-uncond`` for two
+``auto``                    ``batched-uncond-cond`` if the pipeline reports guidance on (or, when it
+                            does not say, the batch holds an even number of rows per prompt) and a
+                            single call per step has an even batch; ``sequential-cond-uncond`` for two
                             calls with guidance on; otherwise ``single``
 =========================== =====================================================================
 
@@ -55,7 +56,10 @@ def _layout_for(run: RawRun, layout: str) -> tuple[int, dict[int, list[tuple[str
     calls = sorted(run.batch_sizes)
     first = run.batch_sizes[calls[0]]
     if layout == "auto":
-        if len(calls) == 1 and run.cfg and first % 2 == 0:
+        cfg = run.cfg
+        if cfg is None and run.prompts and first % len(run.prompts) == 0:
+            cfg = (first // len(run.prompts)) % 2 == 0  # pipeline does not say: an even batch per prompt is CFG
+        if len(calls) == 1 and cfg and first % 2 == 0:
             layout = "batched-uncond-cond"
         elif len(calls) >= 2 and run.cfg:
             layout = "sequential-cond-uncond"

@@ -182,7 +182,7 @@ class RedundancyCapture:
         self._active_batch = int(hidden.shape[0]) if hidden is not None and hidden.dim() > 0 else 1
         run.calls_in_step += 1
         run.batch_sizes.setdefault(self._active_call, self._active_batch)
-        if run.cfg is None and self.pipeline is not None:
+        if self._active_call == 0 and run.step == 0 and self.pipeline is not None:
             run.cfg = _guidance_active(self.pipeline)
 
     # -- recording ----------------------------------------------------------------------------------------
@@ -293,13 +293,14 @@ def _argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
         return None
 
 
-def _guidance_active(pipeline: Any) -> bool:
-    """Whether the running pipeline applies classifier-free guidance (read from its call state)."""
+def _guidance_active(pipeline: Any) -> bool | None:
+    """Whether the running pipeline applies classifier-free guidance, read from its call state; None when the
+    pipeline does not expose it (PixArt keeps it in a local variable)."""
     try:
         return bool(getattr(pipeline, "do_classifier_free_guidance"))
     except Exception:  # no such property, or it reads call state this pipeline does not set
         scale = getattr(pipeline, "_guidance_scale", None)
-        return isinstance(scale, (int, float)) and scale > 1
+        return scale > 1 if isinstance(scale, (int, float)) else None
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list:

@@ -143,3 +143,12 @@ def test_in_place_mutation_after_capture_is_detected():
     computed = profile.computed[0, 0, 0, 0].tolist()
     assert computed == [False, True, True]  # first pair lost to the mutation; copies afterwards
     assert any("modified in place" in w for w in profile.metadata.warnings)
+
+
+def test_auto_layout_recognises_a_guidance_batch_the_pipeline_does_not_announce(pixart):
+    # PixArt has no do_classifier_free_guidance property: the doubled batch per prompt tells
+    with capture_redundancy(pixart) as cap:
+        run_once(pixart, SPEC)
+    profile = cap.profile()
+    assert profile.branches == ["uncond", "cond"]
+    assert profile.num_prompts == 2

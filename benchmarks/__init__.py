@@ -1,0 +1,1 @@
+"""Performance benchmarks of pytest-ditredundancy (scripts, not tests): ``python -m benchmarks.capture``."""

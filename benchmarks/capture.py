@@ -1,0 +1,626 @@
+"""Capture performance benchmark: ``python -m benchmarks.capture [--quick] [--device cpu|cuda] [--out PATH]``.
+
+Measures, in one process on a benchmark-sized PixArt-alpha-architecture pipeline (random weights, tiny text
+encoder, latents out), with plain and captured runs interleaved and the median of ``--repeats`` (>= 5) runs:
+
+1. capture overhead: captured / plain wall time (target <= 1.03 on CPU, <= 1.01 on CUDA), next to the limits
+   computed for the model: the FLOPs of the capture's reductions against the forward's FLOPs, and the time the
+   capture needs at the device's measured memory bandwidth just to read each captured tensor twice (as the
+   current step, and as the previous step of the next);
+2. memory: extra memory of the capture at 10, 20 and 50 steps (flat within 5% and within 10% of one step's
+   captured tensors). On CPU (torch has no CPU allocator statistics) the bytes the capture keeps alive, found by
+   walking its state and counting each storage once, sampled after every step, plus the one transient of
+   ``step_stats`` (a float32 difference of the largest tensor); on CUDA ``torch.cuda.max_memory_allocated``
+   of a captured run minus that of a plain run;
+3. batching: 8 prompts in one batched call against 8 one-prompt calls, captured, in prompts per second
+   (target >= 2x on CPU), next to the same ratio without capture (what the model itself allows);
+4. the reference approach (a DiTCacheAnalysis-style processor that ``.item()``s each distance, see
+   :mod:`benchmarks.reference`): our time / its time (target <= 0.9) and agreement of ``abs_l1``;
+5. CUDA only: the capture's hooks run under ``torch.cuda.set_sync_debug_mode("error")``.
+
+Prints a table and writes JSON (default ``benchmarks/out/capture.json``). CPU runs use one intra-op thread
+unless ``--threads`` says otherwise. Results and the history of optimisations: ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pytest_ditredundancy import capture_redundancy
+from pytest_ditredundancy.environment import package_version
+
+from .reference import ReferenceCapture
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "out" / "capture.json"
+
+#: FLOPs per captured element and step pair in ``metrics.step_stats``: sum|x| (2), ||x|| (2), x - p (1),
+#: sum|d| (2), ||d|| (2), <x, p> (2).
+FLOPS_PER_ELEMENT = 11
+
+PROMPTS = [
+    "a red bus on a bridge", "a cat on a green sofa", "an old lighthouse at dusk", "a bowl of ramen, top view",
+    "a fox in fresh snow", "a glass teapot on a desk", "a city street in the rain", "a sailboat on a calm lake",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The benchmark model and run sizes."""
+
+    name: str
+    layers: int
+    heads: int
+    head_dim: int
+    latent: int  # latent height = width
+    patch: int
+    vae_factor: int
+    steps: int
+    guidance_scale: float
+    dtype: str
+    repeats: int
+    memory_steps: tuple[int, ...]
+    batch_prompts: int
+    batch_steps: int
+    batch_repeats: int
+    text_tokens: int = 120
+    caption_channels: int = 32
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def tokens(self) -> int:
+        return (self.latent // self.patch) ** 2
+
+    @property
+    def height(self) -> int:
+        return self.latent * self.vae_factor
+
+
+#: CPU: PixArt-alpha's architecture at 12 layers, width 384, 256 image tokens (32x32 latent, patch 2), no
+#: guidance batch (one row per prompt: keeps the default run within ~3 minutes on 2 cores; the capture's cost
+#: per row does not depend on it).
+CPU = Config("pixart-alpha-arch-12x384-256tok", layers=12, heads=6, head_dim=64, latent=32, patch=2, vae_factor=8,
+             steps=20, guidance_scale=1.0, dtype="float32", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,
+             batch_steps=2, batch_repeats=3)
+#: CUDA: PixArt-XL-2-1024 size (28 layers, 1152 wide, 1024 px -> 128x128 latent -> 4096 tokens), float16,
+#: guidance 4.5 (batch of two rows per prompt), as the paper runs it.
+CUDA = Config("pixart-xl-2-1024-size", layers=28, heads=16, head_dim=72, latent=128, patch=2, vae_factor=8,
+              steps=20, guidance_scale=4.5, dtype="float16", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,
+              batch_steps=20, batch_repeats=5)
+#: --quick: a smoke run of every measurement on a small model (numbers are not meaningful).
+QUICK = Config("quick-4x128-64tok", layers=4, heads=2, head_dim=64, latent=16, patch=2, vae_factor=8, steps=8,
+               guidance_scale=1.0, dtype="float32", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,
+               batch_steps=4, batch_repeats=3)
+
+TARGETS = {"overhead_cpu": 1.03, "overhead_cuda": 1.01, "memory_flat": 0.05, "memory_vs_step": 1.10,
+           "batching": 2.0, "vs_reference": 0.9, "agreement_rtol": 1e-4}
+
+
+# -- model ---------------------------------------------------------------------------------------------------
+def build_pipeline(cfg: Config, device: torch.device, seed: int = 0):
+    """A PixArtAlphaPipeline with a random transformer of ``cfg``'s size and tiny T5 / VAE parts."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from pytest_ditredundancy.zoo.tiny_parts import seeded, t5_encoder, t5_tokenizer, tiny_vae
+
+    with seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=4, out_channels=8,
+            num_layers=cfg.layers, cross_attention_dim=cfg.hidden, caption_channels=cfg.caption_channels,
+            sample_size=cfg.latent, patch_size=cfg.patch, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
+            norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+        ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=t5_tokenizer(cfg.text_tokens), text_encoder=t5_encoder(seed + 2, d_model=cfg.caption_channels),
+        vae=tiny_vae(seed + 1, scale_factor=cfg.vae_factor), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    )
+    pipe = pipe.to(device, getattr(torch, cfg.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(cfg: Config, prompts: list[str], steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    return dict(prompt=list(prompts), num_inference_steps=steps, height=cfg.height, width=cfg.height,
+                guidance_scale=cfg.guidance_scale, output_type="latent", use_resolution_binning=False,
+                clean_caption=False, max_sequence_length=cfg.text_tokens,
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))], **extra)
+
+
+def capture(pipe, cfg: Config):
+    """Our capture. PixArt's pipeline does not expose whether guidance is on, so the layout is given."""
+    return capture_redundancy(pipe, branch_layout="batched-uncond-cond" if cfg.guidance_scale > 1 else "single")
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, run: Callable[[], Any], cpu_seconds: list[float] | None = None) -> tuple[float, Any]:
+    """Wall seconds of ``run()`` (device synchronised); its process CPU seconds go to ``cpu_seconds``."""
+    synchronize(device)
+    started, started_cpu = time.perf_counter(), time.process_time()
+    result = run()
+    synchronize(device)
+    if cpu_seconds is not None:
+        cpu_seconds.append(time.process_time() - started_cpu)
+    return time.perf_counter() - started, result
+
+
+def _tensors(value: Any, seen: set[int], found: list[torch.Tensor]) -> None:
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors(item, seen, found)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _tensors(item, seen, found)
+    elif hasattr(value, "__dict__"):
+        for item in vars(value).values():
+            _tensors(item, seen, found)
+
+
+def held_bytes(cap) -> dict[str, int]:
+    """Bytes the capture's recorded state keeps alive: every tensor reachable from ``cap.runs``, each storage
+    counted once at its full size; ``kept`` are the previous-step tensors, ``other`` the stats and timesteps."""
+    found: list[torch.Tensor] = []
+    _tensors(cap.runs, set(), found)
+    kept_ids = {id(s.previous) for run in cap.runs for s in run.series.values() if s.previous is not None}
+    storages: dict[int, list] = {}
+    for tensor in found:
+        storage = tensor.untyped_storage()
+        entry = storages.setdefault(storage.data_ptr(), [storage.nbytes(), False])
+        entry[1] = entry[1] or id(tensor) in kept_ids
+    kept = sum(n for n, is_kept in storages.values() if is_kept)
+    other = sum(n for n, is_kept in storages.values() if not is_kept)
+    return {"kept": kept, "other": other, "total": kept + other}
+
+
+def memory_bandwidth(device: torch.device, dtype: torch.dtype) -> float:
+    """Bytes per second of a large on-device sum (a read-only streaming pass), best of three."""
+    n = (256 if device.type == "cuda" else 32) * 2**20 // torch.finfo(dtype).bits * 8
+    x = torch.ones(n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(3):
+        seconds, _ = timed(device, lambda: x.sum(dtype=torch.float32))
+        best = min(best, seconds)
+    return x.numel() * x.element_size() / best
+
+
+def forward_flops(pipe, cfg: Config, device: torch.device) -> int:
+    """FLOPs of one transformer call (matmuls and attention, as counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seen: dict[str, Any] = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
+    finally:
+        handle.remove()
+    args, kwargs = seen["call"]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipe.transformer(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def one_step_captured(cap) -> tuple[int, int]:
+    """(elements, bytes) of one transformer call's captured tensors, from the capture's series."""
+    elements = bytes_ = 0
+    run = next(r for r in cap.runs if r.series)
+    for series in run.series.values():
+        if series.previous is not None:
+            elements += series.previous.numel()
+            bytes_ += series.previous.numel() * series.previous.element_size()
+    return elements, bytes_
+
+
+# -- the five measurements -----------------------------------------------------------------------------------
+def measure_overhead_and_reference(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
+    prompts = PROMPTS[:1]
+    times: dict[str, list[float]] = {"plain": [], "ours": [], "reference": []}
+    cpu: dict[str, list[float]] = {"plain": [], "ours": [], "reference": []}
+    last: dict[str, Any] = {}
+
+    def plain():
+        return pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
+
+    def ours():
+        with capture(pipe, cfg) as cap:
+            out = pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
+        last["held"] = held_bytes(cap)
+        last["one_step"] = one_step_captured(cap)
+        return out, cap.profile()
+
+    def reference():
+        with ReferenceCapture(pipe.transformer) as ref:
+            out = pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
+            last["reference_held"] = ref.held_bytes()
+        return out, ref.deltas
+
+    modes = {"plain": plain, "ours": ours, "reference": reference}
+    order = list(modes)
+    for round_ in range(cfg.repeats):
+        for name in order[round_ % 3:] + order[: round_ % 3]:  # rotate who goes first
+            seconds, result = timed(device, modes[name], cpu[name])
+            times[name].append(seconds)
+            last[name] = result
+        log(f"  round {round_ + 1}/{cfg.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    paired = statistics.median(o / p for o, p in zip(times["ours"], times["plain"]))
+    added = {k: med[k] - med["plain"] for k in ("ours", "reference")}
+    plain_out = last["plain"]
+    ours_out, profile = last["ours"]
+    ref_out, deltas = last["reference"]
+    agreement = compare_with_reference(profile, deltas)
+    return {
+        "seconds": times, "median_seconds": med, "overhead": med["ours"] / med["plain"],
+        "overhead_paired_median": paired, "reference_overhead": med["reference"] / med["plain"],
+        "ours_vs_reference": med["ours"] / med["reference"], "agreement": agreement,
+        "cpu_seconds": cpu, "median_cpu_seconds": cpu_med, "overhead_cpu_time": cpu_med["ours"] / cpu_med["plain"],
+        "reference_overhead_cpu_time": cpu_med["reference"] / cpu_med["plain"],
+        "added_seconds": added, "overhead_min": min(times["ours"]) / min(times["plain"]),
+        "ours_vs_reference_min": min(times["ours"]) / min(times["reference"]),
+        "added_vs_reference": added["ours"] / added["reference"] if added["reference"] > 0 else float("inf"),
+        "outputs_identical": bool(torch.equal(plain_out, ours_out) and torch.equal(plain_out, ref_out)),
+        "held": last["held"], "reference_held": last["reference_held"], "one_step": last["one_step"],
+    }
+
+
+def compare_with_reference(profile, deltas: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
+    """Max relative difference of ``abs_l1``: ours averaged over samples and branches (all rows have the same
+    number of elements, so that is the whole-batch mean the reference computes) against the reference."""
+    worst, compared, missing = 0.0, 0, []
+    values = profile.values["abs_l1"]
+    for (layer, kind), series in sorted(deltas.items()):
+        if layer not in profile.layers or kind not in profile.kinds:
+            missing.append(f"{layer}/{kind}")
+            continue
+        ours = values[:, :, profile.kinds.index(kind), profile.layers.index(layer), :].astype(np.float64)
+        ours = ours.reshape(-1, ours.shape[-1]).mean(axis=0)
+        ref = np.asarray(series, dtype=np.float64)
+        if ours.shape != ref.shape:
+            missing.append(f"{layer}/{kind} ({ours.shape} vs {ref.shape})")
+            continue
+        scale = np.maximum(np.abs(ref), 1e-12)
+        worst = max(worst, float(np.max(np.abs(ours - ref) / scale)))
+        compared += 1
+    return {"series_compared": compared, "max_rel_diff": worst, "missing": missing,
+            "ok": compared > 0 and not missing and worst <= TARGETS["agreement_rtol"]}
+
+
+def measure_memory(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
+    rows = {}
+    for steps in cfg.memory_steps:
+        peak = {"total": 0}
+        live: dict[str, Any] = {}
+
+        def sample(step, timestep, latents):  # the pipeline's per-step callback
+            held = held_bytes(live["cap"])
+            if held["total"] > peak["total"]:
+                peak.update(held)
+
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            pipe(**call_kwargs(cfg, PROMPTS[:1], steps))
+            synchronize(device)
+            plain_peak = torch.cuda.max_memory_allocated(device) - base
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        hook_cpu = [0.0]
+        with capture(pipe, cfg) as cap:
+            live["cap"] = cap
+            if device.type == "cpu":  # the capture's own work is synchronous on CPU: time it where it runs
+                record = cap._record
+
+                def timed_record(index, tensor):
+                    started = time.process_time()
+                    record(index, tensor)
+                    hook_cpu[0] += time.process_time() - started
+
+                cap._record = timed_record
+            pipe(**call_kwargs(cfg, PROMPTS[:1], steps, callback=sample, callback_steps=1))
+        synchronize(device)
+        # step_stats' one transient: a float32 difference of the largest captured tensor (freed at return)
+        scratch = max(s.rows * s.numel * 4 for r in cap.runs for s in r.series.values())
+        row = {"steps": steps, "held_peak": peak["total"], "kept": peak.get("kept", 0),
+               "other": peak.get("other", 0), "scratch": scratch, "extra_peak_estimate": peak["total"] + scratch,
+               "one_step_bytes": one_step_captured(cap)[1]}
+        if device.type == "cpu":
+            row["record_cpu_seconds_per_step"] = hook_cpu[0] / steps
+        if device.type == "cuda":
+            captured_peak = torch.cuda.max_memory_allocated(device) - base
+            row.update(plain_peak=plain_peak, captured_peak=captured_peak, extra_peak=captured_peak - plain_peak)
+        rows[steps] = row
+        cap.__dict__.pop("_record", None)  # drop the timing wrapper (a reference cycle through cap)
+        live.clear()
+        del cap  # before the next step count's plain run: its tensors must not count in that run's baseline
+        log(f"  {steps} steps: capture holds {row['held_peak'] / 2**20:.2f} MiB (+{scratch / 2**20:.2f} MiB transient)"
+            + (f", extra CUDA peak {row['extra_peak'] / 2**20:.2f} MiB" if device.type == "cuda" else ""))
+    key = "extra_peak" if device.type == "cuda" else "extra_peak_estimate"
+    extras = [r[key] for r in rows.values()]
+    spread = max(extras) / max(min(extras), 1) - 1
+    one_step = max(r["one_step_bytes"] for r in rows.values())
+    vs_step = max(extras) / max(one_step, 1)
+    result = {"rows": rows, "measure": key, "spread": spread, "one_step_bytes": one_step, "vs_one_step": vs_step,
+              "ok": spread <= TARGETS["memory_flat"] and vs_step <= TARGETS["memory_vs_step"]}
+    if device.type == "cpu":
+        per_step = [r["record_cpu_seconds_per_step"] for r in rows.values()]
+        result["record_cpu_seconds_per_step"] = statistics.median(per_step)
+    return result
+
+
+def measure_batching(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
+    prompts = PROMPTS[: cfg.batch_prompts]
+    seconds: dict[str, list[float]] = {"captured_batched": [], "captured_single": [], "plain_batched": [],
+                                       "plain_single": []}
+
+    def one_by_one(captured: bool):
+        def run():
+            context = capture(pipe, cfg) if captured else contextlib.nullcontext()
+            with context as cap:
+                for i, prompt in enumerate(prompts):
+                    pipe(**call_kwargs(cfg, [prompt], cfg.batch_steps, seed=i))
+            return cap.profile() if captured else None
+        return run
+
+    def batched(captured: bool):
+        def run():
+            context = capture(pipe, cfg) if captured else contextlib.nullcontext()
+            with context as cap:
+                pipe(**call_kwargs(cfg, prompts, cfg.batch_steps))
+            return cap.profile() if captured else None
+        return run
+
+    modes = {"captured_batched": batched(True), "captured_single": one_by_one(True),
+             "plain_batched": batched(False), "plain_single": one_by_one(False)}
+    for round_ in range(cfg.batch_repeats):
+        for name, run in modes.items():
+            seconds[name].append(timed(device, run)[0])
+        log(f"  round {round_ + 1}/{cfg.batch_repeats}: "
+            + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items()))
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    pps = {k: len(prompts) / v for k, v in med.items()}
+    return {"prompts": len(prompts), "steps": cfg.batch_steps, "seconds": seconds, "prompts_per_second": pps,
+            "speedup": pps["captured_batched"] / pps["captured_single"],
+            "plain_speedup": pps["plain_batched"] / pps["plain_single"]}
+
+
+def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Run every capture callback (transformer pre-hook, site hooks, step end) under sync debug mode "error"."""
+    if device.type != "cuda":
+        return {"status": "skipped (no GPU)", "ok": None}
+    cap = capture(pipe, cfg)
+
+    def strict(function):
+        def wrapper(*args, **kwargs):
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return wrapper
+
+    for name in ("_record", "_on_transformer_call", "_after_step", "_on_set_timesteps", "_on_check_inputs"):
+        setattr(cap, name, strict(getattr(cap, name)))
+    try:
+        with cap:
+            pipe(**call_kwargs(cfg, PROMPTS[:2], 4))
+        cap.profile()
+    except RuntimeError as exc:
+        return {"status": f"host sync in capture: {exc}".splitlines()[0][:200], "ok": False}
+    return {"status": "no host sync in capture hooks (sync debug mode 'error')", "ok": True}
+
+
+# -- limits --------------------------------------------------------------------------------------------------
+def limits(pipe, cfg: Config, device: torch.device, overhead: dict[str, Any]) -> dict[str, Any]:
+    flops = forward_flops(pipe, cfg, device)
+    elements, captured_bytes = overhead["one_step"]
+    capture_flops = FLOPS_PER_ELEMENT * elements
+    bandwidth = memory_bandwidth(device, getattr(torch, cfg.dtype))
+    plain_step = overhead["median_seconds"]["plain"] / cfg.steps
+    read_twice = 2 * captured_bytes
+    return {
+        "forward_flops_per_step": flops, "capture_flops_per_step": capture_flops,
+        "flop_limit": 1 + capture_flops / flops, "captured_elements_per_step": elements,
+        "captured_bytes_per_step": captured_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "plain_seconds_per_step": plain_step,
+        "bandwidth_limit": 1 + read_twice / bandwidth / plain_step,
+    }
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def verdict(ok: bool | None) -> str:
+    return "skipped" if ok is None else ("pass" if ok else "FAIL")
+
+
+def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[dict[str, Any]]:
+    ov, lim, mem, bat, sync = res["overhead"], res["limits"], res["memory"], res["batching"], res["sync"]
+    target = TARGETS["overhead_cuda" if device.type == "cuda" else "overhead_cpu"]
+    own = ""
+    if "record_cpu_seconds_per_step" in mem:
+        plain_cpu_step = ov["median_cpu_seconds"]["plain"] / cfg.steps
+        own = (f"; capture's own CPU {mem['record_cpu_seconds_per_step'] * 1e3:.1f} ms/step = "
+               f"{mem['record_cpu_seconds_per_step'] / plain_cpu_step:.1%} of a plain step")
+    rows = [
+        {"measure": "capture overhead (captured / plain wall time)",
+         "value": f"{ov['overhead']:.3f}",
+         "target": f"<= {target}",
+         "note": f"limit (FLOPs) {lim['flop_limit']:.4f}; read-twice at {lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
+                 f"{lim['bandwidth_limit']:.4f}; paired median {ov['overhead_paired_median']:.3f}, "
+                 f"CPU time {ov['overhead_cpu_time']:.3f}{own}",
+         "pass": ov["overhead"] <= target},
+    ]
+    unit = "CUDA extra peak" if mem["measure"] == "extra_peak" else "extra (held + transient)"
+    sizes = ", ".join(f"{s}: {r[mem['measure']] / 2**20:.2f}" for s, r in mem["rows"].items())
+    rows.append({"measure": f"memory {unit} MiB at {'/'.join(map(str, cfg.memory_steps))} steps", "value": sizes,
+                 "target": f"flat within {TARGETS['memory_flat']:.0%}, <= {TARGETS['memory_vs_step']}x one step",
+                 "note": f"spread {mem['spread']:.2%}, one step {mem['one_step_bytes'] / 2**20:.2f} MiB "
+                         f"({mem['vs_one_step']:.3f}x)", "pass": mem["ok"]})
+    batching_target = TARGETS["batching"] if device.type == "cpu" else None
+    rows.append({"measure": f"batching: {bat['prompts']} prompts batched vs one by one (prompts/s)",
+                 "value": f"{bat['speedup']:.2f}x", "target": f">= {batching_target}x" if batching_target else "report",
+                 "note": f"{bat['prompts_per_second']['captured_batched']:.2f} vs "
+                         f"{bat['prompts_per_second']['captured_single']:.2f} prompts/s at {bat['steps']} steps; "
+                         f"without capture {bat['plain_speedup']:.2f}x",
+                 "pass": bat["speedup"] >= batching_target if batching_target else None})
+    agree = ov["agreement"]
+    rows.append({"measure": "vs reference (DiTCacheAnalysis-style .item() per tensor)",
+                 "value": f"{ov['ours_vs_reference']:.3f}x its time", "target": f"<= {TARGETS['vs_reference']}",
+                 "note": f"reference overhead {ov['reference_overhead']:.3f} (ours {ov['overhead']:.3f}); added time "
+                         f"ours/its {ov['added_vs_reference']:.2f}; abs_l1 max rel diff "
+                         f"{agree['max_rel_diff']:.1e} over {agree['series_compared']} series; outputs identical: "
+                         f"{ov['outputs_identical']}",
+                 "pass": ov["ours_vs_reference"] <= TARGETS["vs_reference"] and agree["ok"]})
+    rows.append({"measure": "no host sync in the denoising loop (CUDA)", "value": sync["status"],
+                 "target": "no sync", "note": "", "pass": sync["ok"]})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
+    headers = ("measure", "value", "target", "pass/fail", "note")
+    cells = [(r["measure"], r["value"], r["target"], verdict(r["pass"]), r["note"]) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(line, file=out)
+    print("-+-".join("-" * w for w in widths), file=out)
+    for c in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(c, widths)), file=out)
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": package_version("diffusers"),
+            "pytest-ditredundancy": package_version("pytest-ditredundancy"), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.capture", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run on a small model (< 30 s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default 5, at least 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op CPU threads (default 1; 0 keeps torch's default). On a shared machine, "
+                             "OpenMP threads that lose their core stall at every barrier and make runs 10x slower "
+                             "at random; one thread keeps the plain/captured comparison stable")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else (CUDA if device.type == "cuda" else CPU)
+    if args.repeats is not None:
+        if args.repeats < 5:
+            parser.error("--repeats must be at least 5 (the benchmark reports medians of >= 5 runs)")
+        cfg = replace(cfg, repeats=args.repeats)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    log(f"building {cfg.name} ({cfg.layers} layers, width {cfg.hidden}, {cfg.tokens} tokens) on {device}")
+    pipe = build_pipeline(cfg, device)
+    # Pipelines run under no_grad, not inference_mode: under inference_mode the capture must copy every tensor.
+    pipe(**call_kwargs(cfg, PROMPTS[:1], 2))  # warm up kernels and allocator in every mode
+    with capture(pipe, cfg):
+        pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
+    with ReferenceCapture(pipe.transformer):
+        pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
+    results: dict[str, Any] = {}
+    log(f"1+4. overhead and reference: {cfg.repeats} interleaved rounds of {cfg.steps} steps")
+    results["overhead"] = measure_overhead_and_reference(pipe, cfg, device, log)
+    results["limits"] = limits(pipe, cfg, device, results["overhead"])
+    log("2. memory")
+    results["memory"] = measure_memory(pipe, cfg, device, log)
+    log(f"3. batching: {cfg.batch_prompts} prompts, {cfg.batch_steps} steps, {cfg.batch_repeats} rounds")
+    results["batching"] = measure_batching(pipe, cfg, device, log)
+    log("5. host synchronisation")
+    results["sync"] = measure_sync(pipe, cfg, device)
+    rows = build_rows(cfg, device, results)
+    print_table(rows)
+    report = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(device),
+        "git_commit": git_commit(), "config": asdict(cfg) | {"hidden": cfg.hidden, "tokens": cfg.tokens},
+        "quick": args.quick, "targets": TARGETS,
+        "rows": [{**r, "pass": verdict(r["pass"])} for r in rows], "results": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {args.out} ({report['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
