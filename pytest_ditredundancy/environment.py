@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -16,14 +17,20 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def versions() -> dict[str, str]:
-    return {
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    return tuple({
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": package_version("diffusers"),
         "transformers": package_version("transformers"),
         "pytest-ditredundancy": package_version("pytest-ditredundancy"),
-    }
+    }.items())
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a profile (looked up once per process: metadata is slow)."""
+    return dict(_versions())
 
 
 def device_name(device: torch.device | str) -> str:
