@@ -97,8 +97,12 @@ class BaselineStore:
         self.used.add(path.resolve())
         return Baseline(path, model, settings_key, read_baseline_file(path))
 
-    def update(self, model: str, settings_key: str, *, metadata: dict[str, Any], sections: dict[str, Any]) -> Path:
-        """Merge ``sections`` (``profile`` and/or ``suites.<name>``) into the file, keeping the others."""
+    def update(self, model: str, settings_key: str, *, metadata: dict[str, Any], sections: dict[str, Any],
+               merge: bool = False) -> Path:
+        """Merge ``sections`` (``profile`` and/or ``suites.<name>``) into the file, keeping the others.
+
+        ``merge``: a ``suites.<name>`` dict is merged key by key into the stored one (under the lock), for
+        suites whose entries are written by separate tests (the cache gate: one entry per strategy)."""
         path = self.path_for(model, settings_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
@@ -114,7 +118,10 @@ class BaselineStore:
             for name, value in sections.items():
                 value = _rounded(value)
                 if name.startswith("suites."):
-                    data.setdefault("suites", {})[name.split(".", 1)[1]] = value
+                    suites, key = data.setdefault("suites", {}), name.split(".", 1)[1]
+                    if merge and isinstance(value, dict) and isinstance(suites.get(key), dict):
+                        value = {**suites[key], **value}
+                    suites[key] = value
                 else:
                     data[name] = value
             atomic_write_text(path, dumps_readable(data) + "\n")

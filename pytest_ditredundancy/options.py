@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from .prompts import PromptFileError, default_prompts, load_prompts, select_prompts
+from .shard import ShardError, parse_shard
 from .schedulers import UnknownSchedulerError, scheduler_class_and_overrides
 
 DEFAULT_NUM_PROMPTS = 8
@@ -44,6 +45,25 @@ OPTIONS: list[tuple[str, str, str, str, Any]] = [
      "floats", []),
     ("--dit-min-shape-correlation", "dit_min_shape_correlation", "step/scheduler suites: minimum shape "
      "correlation used where no baseline exists", "float", 0.0),
+    ("--dit-report", "dit_report", "write a self-contained HTML report to this path (e.g. reports/index.html)",
+     "str", ""),
+    ("--dit-json", "dit_json", "write the report's content as JSON to this path (with --dit-shard: also the "
+     "per-prompt profiles that 'python -m pytest_ditredundancy merge' combines)", "str", ""),
+    ("--dit-shard", "dit_shard", "K/N: profile only shard K (1..N) of the prompt list, a contiguous block; suites "
+     "are judged when the shards are merged", "str", ""),
+    ("--dit-progress-interval", "dit_progress_interval", "seconds between progress lines while profiling (0: after "
+     "every batch, negative: never)", "float", 10.0),
+    ("--dit-cache", "dit_caches", "cache suite: caching strategy to gate, repeatable: none, profile[:budget=0.3|"
+     "threshold=0.05|schedule=FILE], fbcache[:threshold=0.05], pab, fastercache, magcache, taylorseer "
+     "(see docs/cache.md)", "list", []),
+    ("--dit-cache-repeats", "dit_cache_repeats", "cache suite: timed runs per strategy (uncached and cached "
+     "interleaved; the speedup is the ratio of the medians)", "int", 3),
+    ("--dit-cache-budgets", "dit_cache_budgets", "cache suite: budgets of the profile schedule's error sweep",
+     "floats", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+    ("--dit-cache-min-psnr", "dit_cache_min_psnr", "cache suite: minimum PSNR (dB) used where no baseline "
+     "exists", "float", 0.0),
+    ("--dit-cache-min-skipped", "dit_cache_min_skipped", "cache suite: minimum fraction of attention compute "
+     "skipped, used where no baseline exists", "float", 0.0),
 ]
 
 
@@ -117,6 +137,10 @@ class DitConfig:
     cv_bounds: tuple[float, float] | None
     min_shape_correlation: float | None
     given: dict[str, str] = field(default_factory=dict)  # options the user set, to rebuild commands
+    report: Path | None = None  # --dit-report
+    json: Path | None = None  # --dit-json
+    shard: tuple[int, int] | None = None  # --dit-shard K/N (K from 1)
+    progress_interval: float = 10.0
 
     @property
     def prompt_digest(self) -> str | None:
@@ -165,6 +189,12 @@ def read_config(config: pytest.Config) -> DitConfig:
     factors = values["dit_step_factors"]
     if any(f <= 0 for f in factors):
         raise pytest.UsageError(f"--dit-step-factors must be positive, got {factors}")
+    try:
+        shard = parse_shard(values["dit_shard"], len(prompts)) if values["dit_shard"] else None
+    except ShardError as exc:
+        raise pytest.UsageError(f"{exc} (--dit-shard)") from None
+    if shard and values["dit_update_baselines"]:
+        raise pytest.UsageError("--dit-update-baselines needs every prompt: run it without --dit-shard")
     baseline_dir = Path(values["dit_baseline_dir"]).expanduser()
     if not baseline_dir.is_absolute():
         baseline_dir = Path(config.rootpath) / baseline_dir
@@ -177,4 +207,18 @@ def read_config(config: pytest.Config) -> DitConfig:
         schedulers=tuple(values["dit_schedulers"]), bootstrap=values["dit_bootstrap"],
         cv_bounds=(bounds[0], bounds[1]) if bounds else None,
         min_shape_correlation=values["dit_min_shape_correlation"] or None, given=given,
+        report=_output_path(config, "--dit-report", values["dit_report"]),
+        json=_output_path(config, "--dit-json", values["dit_json"]), shard=shard,
+        progress_interval=values["dit_progress_interval"],
     )
+
+
+def _output_path(config: pytest.Config, flag: str, value: str) -> Path | None:
+    """Report paths: relative to the invocation directory when given on the command line, else to the rootdir."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    given = config.getoption(flag[2:].replace("-", "_")) not in (None, "")
+    return Path(config.invocation_params.dir if given else config.rootpath) / path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import weakref
 from typing import Any
 
 #: alias -> (diffusers class name, config overrides)
@@ -67,9 +68,19 @@ def make_scheduler(name: str, base: Any) -> Any:
     return cls.from_config(config, **overrides)
 
 
+#: The scheduler each pipeline came with: every swap starts from it, so a profile never depends on which
+#: scheduler an earlier test left behind (e.g. Karras sigmas leaking into a later flow-euler run).
+_ORIGINAL: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
 def apply_scheduler(pipe: Any, name: str | None) -> Any:
-    """Replace ``pipe.scheduler`` (returns the new scheduler; ``None``/``default`` keeps a fresh copy)."""
-    scheduler = make_scheduler(name or "default", pipe.scheduler)
+    """Replace ``pipe.scheduler`` with a fresh ``name`` scheduler configured from the pipeline's original one
+    (``None``/``default``: a fresh copy of the original)."""
+    try:
+        original = _ORIGINAL.setdefault(pipe, pipe.scheduler)
+    except TypeError:  # not weak-referenceable
+        original = pipe.scheduler
+    scheduler = make_scheduler(name or "default", original)
     pipe.scheduler = scheduler
     return scheduler
 

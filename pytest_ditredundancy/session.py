@@ -8,6 +8,7 @@ record whatever the distribution mode.
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from .environment import device_class
 from .options import DitConfig
 from .profile import RedundancyProfile
 from .runner import RunSettings, profile_model, settings_for
+from .shard import shard_range
 from .zoo.loading import load_model, resolve_device, resolve_spec
 from .zoo.registry import ModelSpec, tiny_model_names
 
@@ -65,6 +67,8 @@ class DitSession:
     baselines_used: set[str] = field(default_factory=set)
     deselected: int = 0
     progress: Callable[[str], None] | None = None
+    #: profiles used since the report last looked: (cache key) -> (spec, settings); see report.collector
+    touched: dict[tuple, tuple[ModelSpec, RunSettings]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: DitConfig) -> "DitSession":
@@ -98,20 +102,28 @@ class DitSession:
         key = (spec.name, settings, self.config.prompts, self.config.device, self.config.dtype)
         if key not in self.profiles:
             pipe = self.slot.get(spec)
+            start, end = shard_range(len(self.config.prompts), self.config.shard)  # seeds stay seed + global index
             self.profiles[key] = profile_model(
-                pipe, prompts=list(self.config.prompts), steps=settings.steps, scheduler=settings.scheduler,
+                pipe, prompts=list(self.config.prompts[start:end]), steps=settings.steps, scheduler=settings.scheduler,
                 seed=self.config.seed, batch_size=self.config.batch_size, height=settings.height,
                 width=settings.width, num_frames=settings.num_frames, guidance_scale=settings.guidance_scale,
-                progress=self._progress_callback(spec.name, settings),
+                progress=self._progress_callback(spec.name, settings), prompt_offset=start,
             )
+        self.touched.setdefault(key, (spec, settings))
         return self.profiles[key]
 
     def _progress_callback(self, model: str, settings: RunSettings):
         if self.progress is None:
             return None
-        report = self.progress
+        report, interval = self.progress, self.config.progress_interval
+        started = last = time.monotonic()
 
         def callback(done: int, total: int, steps_per_second: float) -> None:
+            nonlocal last
+            now = time.monotonic()  # throttled; the last batch is shown when the whole profile took long
+            if interval < 0 or (now - last < interval and not (done == total and now - started >= interval)):
+                return
+            last = now
             report(f"{model} [{settings.scheduler}, {settings.steps} steps]: {done}/{total} prompts, "
                    f"{steps_per_second:.1f} steps/s")
 

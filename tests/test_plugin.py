@@ -91,7 +91,7 @@ def test_markers_are_registered_and_work(pytester):
 ])
 def test_bad_options_are_usage_errors(pytester, args, message):
     pytester.makepyfile("def test_nothing():\n    pass\n")
-    result = pytester.runpytest(*args)
+    result = pytester.runpytest_subprocess(*args)  # validating schedulers imports diffusers
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
 
@@ -100,7 +100,7 @@ def test_prompt_file_larger_request_names_the_file(pytester):
     prompts = pytester.path / "prompts.txt"
     prompts.write_text("a cat\na dog\n", encoding="utf-8")
     pytester.makepyfile("def test_nothing():\n    pass\n")
-    result = pytester.runpytest(f"--dit-prompts={prompts}", "--dit-num-prompts=3")
+    result = pytester.runpytest_subprocess(f"--dit-prompts={prompts}", "--dit-num-prompts=3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "prompts.txt has only 2" in result.stderr.str()
 
@@ -125,22 +125,22 @@ def test_update_then_compare_then_damaged_baseline(pytester):
     use_suites(pytester)
     args = ["suites", "--dit-model=tiny-dit-xl-2-256", *FAST]
     created = pytester.runpytest_subprocess(*args, "--dit-update-baselines")
-    created.assert_outcomes(passed=4, skipped=1)
+    created.assert_outcomes(passed=4, skipped=2)  # the cache gate skips without --dit-cache
     files = list((pytester.path / "baselines" / "tiny-dit-xl-2-256").glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
     assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
     assert data["profile"]["layers"] and data["metadata"]["device_class"] == "cpu"
-    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4, skipped=1)
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4, skipped=2)
 
     # updating one suite keeps the others' sections
     before = data["suites"]["step_stability"]
-    pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-k", "prompt").assert_outcomes(passed=1, deselected=4)
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-k", "prompt").assert_outcomes(passed=1, deselected=5)
     assert json.loads(files[0].read_text())["suites"]["step_stability"] == before
 
     files[0].write_text(files[0].read_text()[:200])
     damaged = pytester.runpytest_subprocess(*args, "-k", "baseline")
-    damaged.assert_outcomes(failed=1, deselected=4)
+    damaged.assert_outcomes(failed=1, deselected=5)
     damaged.stdout.fnmatch_lines([f"*baseline *{files[0].name} is corrupt or truncated*--dit-update-baselines*"])
     assert len(files[0].read_text()) == 200  # never overwritten without the flag
 
@@ -197,14 +197,14 @@ def test_parallel_run_matches_serial_and_keeps_every_section(pytester):
     pytest.importorskip("xdist")
     use_suites(pytester)
     args = ["suites", "--dit-model=tiny-dit-xl-2-256,tiny-pixart-alpha", *FAST]
-    pytester.runpytest_subprocess(*args, "-n", "2", "--dit-update-baselines").assert_outcomes(passed=9)
+    pytester.runpytest_subprocess(*args, "-n", "2", "--dit-update-baselines").assert_outcomes(passed=9, skipped=2)
     for model in ("tiny-dit-xl-2-256", "tiny-pixart-alpha"):
         data = json.loads(next((pytester.path / "baselines" / model).glob("*.json")).read_text())
         assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
         assert "profile" in data
     parallel = pytester.runpytest_subprocess(*args, "-n", "2")
-    parallel.assert_outcomes(passed=9)
+    parallel.assert_outcomes(passed=9, skipped=2)
     serial = pytester.runpytest_subprocess(*args)
-    serial.assert_outcomes(passed=9)
+    serial.assert_outcomes(passed=9, skipped=2)
     summary = [line for line in serial.stdout.lines if line.startswith("tiny-")]
     assert summary and all(line in parallel.stdout.lines for line in summary)

@@ -112,3 +112,15 @@ def test_bad_run_settings_are_refused(tiny_pipeline_cache):
 
 def test_tiny_names_cover_all_families():
     assert len(tiny_model_names()) == len(FULL_SPECS)
+
+
+def test_scheduler_swaps_start_from_the_original_scheduler(tiny_pipeline_cache):
+    from pytest_ditredundancy.schedulers import apply_scheduler
+
+    pipe = tiny_pipeline_cache("tiny-sd3-medium")
+    apply_scheduler(pipe, "flow-euler-karras")
+    assert pipe.scheduler.config.use_karras_sigmas
+    apply_scheduler(pipe, "flow-euler")
+    assert not pipe.scheduler.config.use_karras_sigmas
+    apply_scheduler(pipe, None)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"

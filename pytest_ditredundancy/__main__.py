@@ -1,0 +1,60 @@
+"""``python -m pytest_ditredundancy merge shard-*.json --report index.html [--json merged.json] [--profiles-dir DIR]``
+
+Exit status: 0 when every merged suite passed and no test is missing, 1 when something failed or is
+missing, 2 when the shards cannot be merged (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .merge import MergeError, merge
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pytest_ditredundancy",
+                                     description="pytest-ditredundancy command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    m = commands.add_parser("merge", help="merge shard runs (--dit-shard=K/N --dit-json=...) into one report",
+                            description="Combine the JSON of every shard of a run into one report and one merged "
+                                        "profile per model; the suites are judged on the merged profiles.")
+    m.add_argument("shards", nargs="+", type=Path, help="shard JSON files (from --dit-json), one per shard")
+    m.add_argument("--report", type=Path, help="write the HTML report here")
+    m.add_argument("--json", type=Path, help="write the merged report's JSON here")
+    m.add_argument("--profiles-dir", type=Path, help="write one merged profile per model and settings here "
+                                                     "(<dir>/<model>/<settings key>.json)")
+    m.add_argument("--baseline-dir", type=Path, help="baselines to judge against (default: the shards' "
+                                                     "--dit-baseline-dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not (args.report or args.json or args.profiles_dir):
+        print("merge: nothing to write: give --report, --json and/or --profiles-dir", file=sys.stderr)
+        return 2
+    try:
+        doc = merge(args.shards, report=args.report, json_path=args.json, profiles_dir=args.profiles_dir,
+                    baseline_dir=args.baseline_dir)
+    except MergeError as exc:
+        print(f"merge: error: {exc}", file=sys.stderr)
+        return 2
+    for entry in doc["models"]:
+        print(f"{entry['model']}: {entry['status']}; " + "; ".join(
+            f"{suite['title']} {'ok' if suite['passed'] else 'FAIL'} ({suite['headline']})"
+            for suite in entry["suites"].values()))
+    for record in doc["cross_model"]:
+        print(f"{record['model']}: between/within {record['value']} {'ok' if record['passed'] else 'FAIL'}")
+    missing = doc["tests"]["missing"]
+    if missing:
+        print(f"{len(missing)} tests without a result: " + ", ".join(m["nodeid"] for m in missing))
+    for label, path in (("HTML report", args.report), ("JSON report", args.json), ("profiles", args.profiles_dir)):
+        if path:
+            print(f"{label}: {path}")
+    return 1 if doc["status"] != "passed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The cache gate: one model x one caching strategy, measured, compared with its baseline, recorded.
+
+Per strategy the gate asserts the output quality (PSNR against the uncached run, same seeds and prompts)
+and the fraction of attention compute skipped, each within ``[low, high]`` bounds stored in the model's
+baseline (``suites.cache_gate.<spec>``). Below ``low`` is a regression; above ``high`` is an unexplained
+jump, flagged too (a cache that suddenly skips more, or an output that suddenly matches better, means the
+mechanism changed). Wall-time speedup, SSIM, latent MSE and, for the profile schedule, the predicted-vs-
+measured error sweep and its Spearman correlation are recorded for the report; the Spearman correlation
+is also held to a floor below its stored value (the profile must keep predicting the error).
+
+The profile strategy's schedule is data: with ``--dit-update-baselines`` it is derived from the session's
+profile and stored with the bounds; later runs replay the stored schedule, so the gate measures the model
+and the mechanism, not profile drift (the baseline-regression suite gates that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ..checks import SuiteCheck
+from ..session import BASELINE_USED_KEY, DitSession
+from ..zoo.registry import ModelSpec
+from .apply import CacheBatchError, UnsupportedStrategy, attention_modules
+from .config import cache_options
+from .diffusers_cache import strategy_failure
+from .measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, run_once, skipped_fractions, speedup, \
+    time_interleaved
+from .quality import PSNR_CAP, QualityDependencyError, latent_mse, psnr, require_scikit_image, spearman, ssim
+from .schedule import CacheSchedule, ScheduleError, schedule_from_profile
+from .spec import CacheSpec
+
+SUITE = "cache_gate"
+#: Half-widths of stored bounds per device class. CPU runs repeat to ~1e-6; on GPUs a cache's skip decisions
+#: (FBCache's threshold test) can flip with kernel noise, so skipped fractions move by whole steps.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "cpu": {"psnr_db": 0.5, "psnr_relative": 0.01, "skipped": 0.02, "spearman": 0.2},
+    "cuda": {"psnr_db": 3.0, "psnr_relative": 0.05, "skipped": 0.1, "spearman": 0.4},
+}
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _tolerance(device_class: str) -> dict[str, float]:
+    return TOLERANCES.get(device_class, TOLERANCES["cuda"])
+
+
+def _state(session: DitSession) -> dict[tuple, Any]:
+    """Per-session memo of uncached reference runs, MagCache ratios and sweeps (shared across strategies)."""
+    return vars(session).setdefault("_cache_gate_memo", {})
+
+
+@dataclass
+class CacheCheck:
+    """The gate for one model and one strategy; obtained from the ``dit_cache_check`` fixture::
+
+        def test_cache_gate(dit_cache_check):
+            dit_cache_check.gate()
+    """
+
+    session: DitSession
+    spec: ModelSpec
+    item: pytest.Item
+    strategy: CacheSpec
+
+    def __post_init__(self) -> None:
+        self.suite = SuiteCheck(self.session, self.spec, self.item)
+        self.options = cache_options(self.item.config)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def plan(self) -> RunPlan:
+        config = self.session.config
+        return RunPlan(self.session.slot.get(self.spec), self.spec, self.suite.settings, list(config.prompts),
+                       config.seed, config.batch_size)
+
+    def reference(self, plan: RunPlan) -> RunResult:
+        key = ("reference", self.spec.name, self.suite.key)
+        memo = _state(self.session)
+        if key not in memo:
+            memo[key] = run_once(plan, count=True)
+        return memo[key]
+
+    def schedule(self, stored: dict | None) -> CacheSchedule | None:
+        """The profile strategy's schedule: a file, else the baseline's, else derived from the profile."""
+        if self.strategy.strategy != "profile":
+            return None
+        try:
+            if "schedule" in self.strategy.params:
+                schedule = CacheSchedule.load(self.strategy.params["schedule"])
+                schedule.source = f"file {self.strategy.params['schedule']}"
+            elif stored and stored.get("schedule") and not self.session.config.update_baselines:
+                schedule = CacheSchedule.from_dict(stored["schedule"], source=f"baseline of {self.spec.name}")
+                schedule.source = "baseline"
+            else:
+                schedule = schedule_from_profile(self.session.profile(self.spec), model=self.spec.name,
+                                                 budget=self.strategy.get("budget"),
+                                                 threshold=self.strategy.get("threshold"))
+            names = [name for name, _ in attention_modules(self.session.slot.get(self.spec).transformer)]
+            schedule.validate(names, steps=self.suite.settings.steps, model=self.spec.name)
+        except ScheduleError as exc:
+            problem = str(exc)
+        else:
+            return schedule
+        pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {problem}", pytrace=False)
+
+    def context(self, plan: RunPlan):
+        if self.strategy.strategy != "magcache" or self.strategy.get("mag_ratios", "calibrate") != "calibrate":
+            return plan.context()
+        key = ("magcache", self.spec.name, self.suite.key, self.strategy.text)
+        memo = _state(self.session)
+        if key not in memo:
+            memo[key] = calibrate_magcache(plan, self.strategy)
+        return plan.context(mag_ratios=memo[key])
+
+    # -- the gate -------------------------------------------------------------------------------------------
+    def gate(self) -> dict[str, Any]:
+        """Measure, compare with the baseline (or store it with ``--dit-update-baselines``), record."""
+        if getattr(self.session.config, "shard", None):
+            pytest.skip("the cache gate runs every prompt: run it without --dit-shard")
+        try:
+            require_scikit_image()
+        except QualityDependencyError as exc:
+            pytest.skip(str(exc))
+        plan = self.plan()
+        if not hasattr(plan.pipe, "transformer") or getattr(plan.pipe, "scheduler", None) is None:
+            pytest.skip(f"{self.spec.name} is not a diffusers pipeline with a transformer and a scheduler "
+                        f"({type(plan.pipe).__name__}); caching strategies are applied to those only")
+        baseline = None if self.session.config.update_baselines else self.suite.baseline()
+        stored = ((baseline.suite(SUITE) or {}) if baseline else {}).get(self.strategy.text)
+        schedule = self.schedule(stored)
+        reference = self.reference(plan)
+        outcome, message = None, ""
+        try:
+            context = self.context(plan)
+            cached = run_once(plan, self.strategy, schedule=schedule, context=context, count=True)
+        except UnsupportedStrategy as exc:
+            outcome, message = pytest.skip, f"{self.strategy} on {self.spec.name}: {exc}"
+        except CacheBatchError as exc:
+            outcome, message = pytest.fail, str(exc)
+        except Exception as exc:
+            where = strategy_failure(exc) if self.strategy.strategy not in ("none", "profile") else None
+            if where is None:
+                raise
+            if stored:  # it ran when the baseline was recorded: a regression, not a missing feature
+                outcome, message = pytest.fail, f"{self.strategy} on {self.spec.name} now fails: {where}"
+            else:
+                outcome, message = pytest.skip, f"{self.strategy} does not support {self.spec.name}: {where}"
+        if outcome is pytest.skip:
+            pytest.skip(message)
+        if outcome is pytest.fail:
+            pytest.fail(message, pytrace=False)
+        fallback = self.options.min_psnr is not None or self.options.min_skipped is not None
+        if not self.session.config.update_baselines and stored is None and not fallback:
+            self._missing()  # after the support check (unsupported skips), before timing and the sweep
+        result = self.measure(plan, reference, cached, schedule, context)
+        return self.judge(result, stored, schedule)
+
+    def measure(self, plan: RunPlan, reference: RunResult, cached: RunResult, schedule: CacheSchedule | None,
+                context: Any) -> dict[str, Any]:
+        uncached_s, cached_s = time_interleaved(
+            lambda: run_once(plan), lambda: run_once(plan, self.strategy, schedule=schedule, context=context),
+            self.options.repeats)
+        result = {
+            "psnr": psnr(reference.images, cached.images), "ssim": ssim(reference.images, cached.images),
+            "latent_mse": latent_mse(reference.latents, cached.latents),
+            "skipped": skipped_fractions(reference, cached), "speedup": speedup(uncached_s, cached_s),
+            "seconds": {"uncached": uncached_s, "cached": cached_s}, "strategy_counters": cached.strategy,
+            "sweep": None, "spearman": None,
+        }
+        if schedule is not None and schedule.costs is not None:
+            result["sweep"], result["spearman"] = self.sweep(plan, schedule, reference)
+        return result
+
+    def sweep(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> tuple[list[dict], float | None]:
+        digest = hashlib.sha256(json.dumps(schedule.costs).encode()).hexdigest()[:12]
+        key = ("sweep", self.spec.name, self.suite.key, digest, self.options.budgets)
+        memo = _state(self.session)
+        if key not in memo:
+            points = budget_sweep(plan, schedule, self.options.budgets, reference)
+            value = spearman([p.predicted_error for p in points], [p.measured_error for p in points])
+            memo[key] = ([p.__dict__ for p in points], value)
+        return memo[key]
+
+    def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None) -> dict[str, Any]:
+        tol = _tolerance(self.session.device_class)
+        values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"]}
+        update = self.session.config.update_baselines
+        if update:
+            bounds = self._new_bounds(values, tol)
+            entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": result["latent_mse"],
+                     "skipped_attention": values["skipped"], "skipped_transformer": result["skipped"]["transformer"],
+                     "speedup": result["speedup"], "spearman": values["spearman"], "bounds": bounds}
+            if schedule is not None:
+                entry["schedule"] = schedule.to_dict()
+            self._store(entry)
+        elif stored is not None:
+            bounds = stored.get("bounds", {})
+        elif self.options.min_psnr is not None or self.options.min_skipped is not None:
+            bounds = {"psnr": [self.options.min_psnr, None], "skipped": [self.options.min_skipped, None]}
+        else:
+            self._missing()
+        failures = self._failures(values, bounds, stored)
+        record = self._record(result, values, bounds, schedule, passed=not failures, updated=update)
+        if failures:
+            fix = self._update_command()
+            pytest.fail(f"cache gate of {self.spec.name} with {self.strategy} changed ({self.suite.key}):\n"
+                        + "\n".join(failures) + f"\nIf the change is intended, update the baseline:\n    {fix}",
+                        pytrace=False)
+        return record
+
+    def _update_command(self) -> str:
+        """The command that rewrites this model's cache-gate entries (for every strategy the run selects)."""
+        return self.session.config.command(self.spec.name, "--dit-update-baselines", f"-k {SUITE}")
+
+    def _missing(self) -> None:
+        pytest.fail(f"no cache_gate baseline for {self.spec.name} with {self.strategy} (settings {self.suite.key}) in "
+                    f"{self.session.store.path_for(self.spec.name, self.suite.key)}.\nCreate it with:\n    "
+                    f"{self._update_command()}", pytrace=False)
+
+    @staticmethod
+    def _new_bounds(values: dict[str, Any], tol: dict[str, float]) -> dict[str, list]:
+        p, s = values["psnr"], values["skipped"]
+        half = max(tol["psnr_db"], tol["psnr_relative"] * p)
+        bounds = {"psnr": [max(0.0, p - half), min(PSNR_CAP, p + half)],
+                  "skipped": [max(0.0, s - tol["skipped"]), min(1.0, s + tol["skipped"])]}
+        if values["spearman"] is not None:
+            bounds["spearman"] = [max(-1.0, values["spearman"] - tol["spearman"]), None]
+        return bounds
+
+    def _failures(self, values: dict[str, Any], bounds: dict[str, list], stored: dict | None) -> list[str]:
+        labels = {"psnr": ("PSNR", "dB", "output quality regressed"),
+                  "skipped": ("attention compute skipped", "", "the cache skips less: it got slower"),
+                  "spearman": ("Spearman(predicted, measured error)", "", "the profile no longer predicts the error")}
+        stored_values = {"psnr": (stored or {}).get("psnr"), "skipped": (stored or {}).get("skipped_attention"),
+                         "spearman": (stored or {}).get("spearman")}
+        failures = []
+        for name, (label, unit, below) in labels.items():
+            lo, hi = (list(bounds.get(name) or []) + [None, None])[:2]
+            value = values[name]
+            if value is None or (lo is None and hi is None):
+                continue
+            was = f" (baseline {_fmt(stored_values[name])})" if stored_values[name] is not None else ""
+            if lo is not None and value < lo - 1e-9:
+                failures.append(f"  {label} {_fmt(value)}{unit and ' ' + unit} below its bound {_fmt(lo)}{was}: {below}")
+            elif hi is not None and value > hi + 1e-9:
+                failures.append(f"  {label} {_fmt(value)}{unit and ' ' + unit} above its bound {_fmt(hi)}{was}: an "
+                                "unexplained jump (the caching mechanism or the model changed); find out why")
+        return failures
+
+    def _store(self, entry: dict[str, Any]) -> None:
+        settings = self.suite.settings
+        path = self.session.store.update(
+            self.spec.name, self.suite.key, sections={f"suites.{SUITE}": {self.strategy.text: entry}}, merge=True,
+            metadata=self.session.baseline_metadata(self.session.profile(self.spec), settings))
+        self.item.user_properties.append((BASELINE_USED_KEY, str(path)))
+
+    def _record(self, result: dict[str, Any], values: dict[str, Any], bounds: dict[str, list],
+                schedule: CacheSchedule | None, *, passed: bool, updated: bool) -> dict[str, Any]:
+        """One record per model x strategy, plain builtins only (the HTML report reads these)."""
+        details = {
+            "strategy": self.strategy.text, "strategy_name": self.strategy.strategy, "updated": updated,
+            "psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": result["latent_mse"],
+            "speedup": result["speedup"], "seconds": result["seconds"], "skipped": result["skipped"],
+            "skipped_bounds": bounds.get("skipped"), "spearman": values["spearman"],
+            "spearman_bounds": bounds.get("spearman"), "sweep": result["sweep"],
+            "strategy_counters": result["strategy_counters"], "psnr_cap": PSNR_CAP,
+            "schedule": None if schedule is None else {
+                "layers": list(schedule.layers), "steps": schedule.steps, "mask": schedule.mask,
+                "budget": schedule.budget, "threshold": schedule.threshold,
+                "predicted_error": schedule.predicted_error, "skipped_fraction": schedule.skipped_fraction,
+                "source": schedule.source},
+        }
+        self.suite.record(SUITE, "psnr", values["psnr"], bounds.get("psnr"), passed, **details)
+        return {"model": self.spec.name, **details, "passed": passed}

@@ -1,0 +1,226 @@
+"""Gathers the report's data during the run and writes ``--dit-report`` / ``--dit-json`` once, on the controller.
+
+Where tests run (the serial process, or each xdist worker) the collector attaches, after every test, a
+compact summary of each profile the test used (and, under ``--dit-shard``, the full per-prompt profile once
+per worker) to ``item.user_properties``. Test reports carry those plain builtins to the controller, which
+also tracks every test's outcome, so a crashed worker's tests are named as missing instead of silently
+absent. Workers never write the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ..baselines import Baseline, BaselineError, read_baseline_file
+from ..environment import device_name
+from ..session import DitSession
+from ..shard import DEFERRED_KEY, shard_range, spec_fields
+from .document import build_document, config_dict, controller_environment, jsonable, write_json
+from .html import write_html
+from .summary import profile_summary
+
+SUMMARY_KEY = "ditredundancy-summary"  # compact per-(model, settings) summary, every test that used it
+PROFILE_KEY = "ditredundancy-shard-profile"  # full per-prompt profile, shard runs, once per worker
+WORKER_KEY = "ditredundancy-worker"  # where a worker ran (device, threads), once per worker
+MESSAGE_LIMIT = 2000
+
+
+def shown(path: Path, base: Path) -> str:
+    """Relative to ``base`` when inside it, else absolute: the path the user can paste."""
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+class DitReportWarning(UserWarning):
+    """The report could not be assembled or written; the tests' results are unaffected."""
+
+
+class ReportCollector:
+    def __init__(self, config: pytest.Config, dit: DitSession) -> None:
+        self.config, self.dit = config, dit
+        self.worker_id = getattr(config, "workerinput", {}).get("workerid")
+        self.wanted = bool(dit.config.report or dit.config.json)
+        self.started = time.time()
+        self.summaries: dict[tuple[str, str], dict] = {}
+        self.shard_profiles: dict[tuple[str, str], dict] = {}
+        self.deferred: dict[str, dict] = {}
+        self.results: dict[str, str] = {}
+        self.messages: dict[str, str] = {}
+        self.collected: dict[str, None] = {}  # ordered set of node ids
+        self.workers: dict[str, dict] = {}
+        self.written: list[tuple[str, Path]] = []
+        self.error: str | None = None
+        self._cache: dict[tuple, dict] = {}
+        self._sent: set[tuple] = set()
+        self._announced = False
+
+    # -- where tests run ------------------------------------------------------------------------------------
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        self.dit.touched.clear()
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        try:
+            return (yield)
+        finally:
+            if self.wanted:
+                try:
+                    self._attach(item)
+                except Exception as exc:  # the report is secondary: never turn a test's result into an error
+                    warnings.warn(DitReportWarning(f"report data of {item.nodeid} lost: {type(exc).__name__}: {exc}"))
+            self.dit.touched.clear()
+
+    def _attach(self, item: pytest.Item) -> None:
+        props = item.user_properties
+        if not self._announced:
+            props.append((WORKER_KEY, self._worker_facts()))
+            self._announced = True
+        for key, (spec, settings) in list(self.dit.touched.items()):
+            props.append((SUMMARY_KEY, self._summary(key, spec, settings)))  # plain builtins: execnet sends them
+            if self.dit.config.shard and key not in self._sent:
+                props.append((PROFILE_KEY, self._full_profile(key, spec, settings)))
+                self._sent.add(key)
+
+    def _worker_facts(self) -> dict[str, Any]:
+        try:
+            device = self.dit.device
+            name = device_name(device)
+        except Exception as exc:  # e.g. cuda requested on a machine without one: the tests say so themselves
+            device, name = self.dit.config.device, f"unavailable ({exc})"
+        return {"worker": self.worker_id or "main", "device": str(device), "device_name": name,
+                "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    def _summary(self, key: tuple, spec: Any, settings: Any) -> dict[str, Any]:
+        if key not in self._cache:
+            default = self.dit.settings(spec)
+            settings_key = self.dit.settings_key(settings)
+            baseline = None
+            if settings == default and not self.dit.config.update_baselines and not self.dit.config.shard:
+                path = self.dit.store.path_for(spec.name, settings_key)
+                try:
+                    baseline = Baseline(path, spec.name, settings_key, read_baseline_file(path)) if path.exists() else None
+                except BaselineError:
+                    baseline = None  # the regression suite reports the damage itself
+            self._cache[key] = jsonable(profile_summary(
+                self.dit.profiles[key], model=spec.name, family=spec.family, in_paper=spec.in_paper,
+                settings=settings, settings_key=settings_key, default=default, baseline=baseline,
+                device_class=self.dit.device_class))
+        return self._cache[key]
+
+    def _full_profile(self, key: tuple, spec: Any, settings: Any) -> dict[str, Any]:
+        start, end = shard_range(len(self.dit.config.prompts), self.dit.config.shard)
+        return {"model": spec.name, "settings_key": self.dit.settings_key(settings), "settings": dict(settings.__dict__),
+                "spec": spec_fields(spec), "shard": list(self.dit.config.shard), "start": start, "end": end,
+                "total": len(self.dit.config.prompts), "profile": json.loads(self.dit.profiles[key].to_json())}
+
+    # -- the controller -------------------------------------------------------------------------------------
+    def add_collected(self, ids: list[str]) -> None:
+        for nodeid in ids:
+            self.collected.setdefault(nodeid)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self.worker_id is None:
+            self.add_collected([item.nodeid for item in session.items])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.worker_id is not None:
+            return
+        for name, value in getattr(report, "user_properties", ()):
+            if name == SUMMARY_KEY:
+                self.summaries.setdefault((value["model"], value["settings_key"]), value)
+            elif name == PROFILE_KEY:
+                self.shard_profiles.setdefault((value["model"], value["settings_key"]), value)
+            elif name == DEFERRED_KEY:
+                self.deferred.setdefault(json.dumps(value, sort_keys=True, default=str), value)
+            elif name == WORKER_KEY:
+                self.workers.setdefault(value["worker"], value)
+        self._outcome(report)
+
+    def _outcome(self, report: pytest.TestReport) -> None:
+        nodeid, when, previous = report.nodeid, report.when, self.results.get(report.nodeid)
+        if when == "???":  # xdist: the worker died while running this test
+            self.results[nodeid] = "crashed"
+            self.messages[nodeid] = str(report.longrepr)
+            return
+        if when == "call":
+            outcome = report.outcome
+            if hasattr(report, "wasxfail"):
+                outcome = "xfailed" if report.skipped else "xpassed"
+        elif when == "setup" and not report.passed:
+            outcome = "error" if report.failed else "skipped"
+        elif when == "teardown" and report.failed:
+            outcome = "error"
+        else:
+            return
+        self.results[nodeid] = outcome
+        if outcome in ("failed", "error", "skipped") and outcome != previous:
+            text = report.longreprtext if outcome != "skipped" else (
+                report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+            self.messages[nodeid] = str(text)[:MESSAGE_LIMIT]
+
+    def tests_section(self) -> dict[str, Any]:
+        missing = [{"nodeid": nodeid, "reason": self.messages.get(nodeid, "crashed")}
+                   for nodeid, outcome in self.results.items() if outcome == "crashed"]
+        missing += [{"nodeid": nodeid, "reason": "collected but never reported a result (a worker crashed or the "
+                     "run was interrupted)"} for nodeid in self.collected if nodeid not in self.results]
+        return {"collected": len(self.collected) or len(self.results), "results": dict(sorted(self.results.items())),
+                "messages": dict(sorted(self.messages.items())), "missing": missing}
+
+    def document(self) -> dict[str, Any]:
+        cfg = self.dit.config
+        run = config_dict(cfg, self.dit.selected_models())
+        run["command"] = " ".join(str(a) for a in self.config.invocation_params.args)
+        run["workers"] = getattr(self.config.option, "numprocesses", None) or None
+        workers = [self.workers[w] for w in sorted(self.workers)]
+        environment = {**controller_environment(), "workers": workers,
+                       "devices": sorted({f"{w['device']} ({w['device_name']})" for w in workers})}
+        shard = None
+        if cfg.shard:
+            start, end = shard_range(len(cfg.prompts), cfg.shard)
+            shard = {"index": cfg.shard[0], "count": cfg.shard[1], "prompts": [start, end], "total": len(cfg.prompts)}
+        return build_document(
+            run=run, records=list(self.dit.records), summaries=list(self.summaries.values()), tests=self.tests_section(),
+            environment=environment, started=self.started, finished=time.time(), shard=shard,
+            shard_profiles=list(self.shard_profiles.values()) if cfg.shard else None,
+            deferred=list(self.deferred.values()) if cfg.shard else None)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.worker_id is not None or not self.wanted:
+            return
+        try:
+            doc = self.document()
+            if self.dit.config.report:
+                self.written.append(("HTML report", write_html(doc, self.dit.config.report)))
+            if self.dit.config.json:
+                self.written.append(("JSON report", write_json(doc, self.dit.config.json)))
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(DitReportWarning(f"the report was not written: {self.error}"))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.worker_id is not None or not self.wanted:
+            return
+        if not self.dit.records:
+            terminalreporter.section("ditredundancy")
+        missing = self.tests_section()["missing"]
+        if missing:
+            terminalreporter.write_line(f"{len(missing)} test{'s' if len(missing) != 1 else ''} without a result "
+                                        "(worker crash or interruption); the report names them", red=True)
+        for kind, path in self.written:
+            terminalreporter.write_line(f"{kind}: {shown(path, Path(self.config.invocation_params.dir))}")
+        if self.error:
+            terminalreporter.write_line(f"report not written: {self.error}", red=True)
