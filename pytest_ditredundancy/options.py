@@ -55,7 +55,7 @@ OPTIONS: list[tuple[str, str, str, str, Any]] = [
      "every batch, negative: never)", "float", 10.0),
     ("--dit-cache", "dit_caches", "cache suite: caching strategy to gate, repeatable: none, profile[:budget=0.3|"
      "threshold=0.05|schedule=FILE], fbcache[:threshold=0.05], pab, fastercache, magcache, taylorseer "
-     "(see docs/cache.md)", "list", []),
+     "(see the README section Cache gate)", "list", []),
     ("--dit-cache-repeats", "dit_cache_repeats", "cache suite: timed runs per strategy (uncached and cached "
      "interleaved; the speedup is the ratio of the medians)", "int", 3),
     ("--dit-cache-budgets", "dit_cache_budgets", "cache suite: budgets of the profile schedule's error sweep",
