@@ -191,3 +191,36 @@ def test_report_renders_in_a_headless_browser_without_console_errors(tiny_run, t
     assert run.returncode == 0 and shot.stat().st_size > 20_000
     console = [line for line in (dom.stderr + run.stderr).splitlines() if ":CONSOLE" in line]
     assert not console, console  # no errors, no CSP violations (the page fetches nothing)
+
+
+CACHE_RECORD = {
+    "model": "tiny-pixart-alpha", "family": "pixart-alpha", "suite": "cache_gate", "statistic": "psnr", "value": 72.4,
+    "bounds": [71.0, 74.0], "passed": True, "nodeid": "suites/test_cache_gate.py::test_cache_gate[tiny-pixart-alpha-x]",
+    "strategy": "profile:budget=0.3", "psnr": 72.4, "ssim": 0.99, "latent_mse": 0.066, "speedup": 1.2,
+    "skipped": {"attention": 0.3, "transformer": 0.17}, "spearman": 0.99,
+    "sweep": [{"budget": b, "order": o, "skipped_fraction": b, "predicted_error": b * (1 if o == "cheapest" else 9),
+               "measured_error": b * (0.1 if o == "cheapest" else 1)} for b in (0.1, 0.3) for o in ("cheapest", "costliest")],
+    "schedule": {"layers": ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], "steps": 4,
+                 "mask": [[False, True, True, False], [False, False, True, True]], "skipped_fraction": 0.5},
+}
+
+
+def test_cache_gate_section_draws_frontier_premise_and_schedule(tiny_profiles, tmp_path):
+    doc = _document(_summary(tiny_profiles[4], 4))
+    cache = dict(CACHE_RECORD)
+    doc["models"][0]["suites"]["cache_gate"] = {"records": [cache], "title": "Cache gate", "passed": True,
+                                               "headline": "1/1 checks within bounds", "bounds": ""}
+    html = render_html(doc)
+    assert "Cache gate" in html
+    data = json.loads(html.split('<script type="application/json" id="dit-data">')[1].split("</script>")[0])
+    (entry,) = data["models"][0]["cache"]
+    assert entry["schedule"]["mask"][0] == [False, True, True, False] and len(entry["sweep"]) == 4
+    if browser() is None:
+        pytest.skip("no Chromium/Chrome on PATH (Debian: apt-get install chromium) for the drawing check")
+    page = tmp_path / "index.html"
+    page.write_text(html, encoding="utf-8")
+    dom = _chromium(["--dump-dom"], page, tmp_path / "profile")
+    assert 'data-rendered="done"' in dom.stdout
+    assert len(re.findall(r'<svg class="chart scatter"[^>]*data-rendered="1"', dom.stdout)) == 2  # frontier, premise
+    assert "Schedule: profile:budget=0.3" in dom.stdout  # the layer x step mask
+    assert not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]

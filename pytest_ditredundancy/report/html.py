@@ -39,6 +39,10 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+#: What the cache-gate figures draw: the frontier, the premise sweep and the schedule mask.
+CACHE_FIELDS = ("strategy", "passed", "psnr", "ssim", "latent_mse", "speedup", "skipped", "sweep", "spearman", "schedule")
+
+
 def embedded_json(data: Any) -> Markup:
     """JSON safe inside <script>: no '<', '>' or '&' that could close the element or start markup."""
     text = json.dumps(data, separators=(",", ":"), allow_nan=False)
@@ -52,7 +56,8 @@ def page_data(doc: dict[str, Any]) -> dict[str, Any]:
         records = [r for suite in entry["suites"].values() for r in suite["records"]]
         models.append({"model": entry["model"], "profiles": entry["profiles"],
                        "records": [{k: r.get(k) for k in ("suite", "statistic", "value", "bounds", "passed", "variant",
-                                                          "kind")} for r in records]})
+                                                          "kind")} for r in records],
+                       "cache": [{k: r.get(k) for k in CACHE_FIELDS} for r in records if r["suite"] == "cache_gate"]})
     return {"models": models, "open": len(models) <= OPEN_MODELS}
 
 
