@@ -24,6 +24,7 @@ from torch import nn
 from ..sites import is_attention_module
 from .schedule import CacheSchedule, ScheduleError
 from .spec import CacheSpec
+from .undo import Reversible
 
 
 class CacheBatchError(RuntimeError):
@@ -46,7 +47,7 @@ def first_tensor(args: tuple, kwargs: dict, name: str = "hidden_states") -> torc
     return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
 
-class RunTracker:
+class RunTracker(Reversible):
     """Run/step/call boundaries of a pipeline, final latents, and the current timestep for callbacks."""
 
     def __init__(self, pipe: Any) -> None:
@@ -59,27 +60,15 @@ class RunTracker:
         self.final_latents: list[torch.Tensor | None] = []
         self.run_starts: list[Callable[[], None]] = []
         self.call_listeners: list[Any] = []  # objects with before_call(index) / after_call()
-        self._undo: list[Callable[[], None]] = []
+        super().__init__()
 
-    def __enter__(self) -> "RunTracker":
-        try:
-            self._patch(self.scheduler, "set_timesteps", before=self._start_run)
-            self._patch(self.scheduler, "step", after=self._end_step)
-            pre = self.transformer.register_forward_pre_hook(self._before_call, with_kwargs=True)
-            self._undo.append(pre.remove)
-            post = self.transformer.register_forward_hook(self._after_call, always_call=True)
-            self._undo.append(post.remove)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+    def install(self) -> None:
+        self._patch(self.scheduler, "set_timesteps", before=self._start_run)
+        self._patch(self.scheduler, "step", after=self._end_step)
+        pre = self.transformer.register_forward_pre_hook(self._before_call, with_kwargs=True)
+        self._undo.append(pre.remove)
+        post = self.transformer.register_forward_hook(self._after_call, always_call=True)
+        self._undo.append(post.remove)
 
     def _patch(self, owner: Any, name: str, *, before: Callable[[], None] | None = None,
                after: Callable[[Any], None] | None = None) -> None:

@@ -27,9 +27,10 @@ from .diffusers_cache import StrategyContext
 from .quality import as_images, latent_mse
 from .schedule import CacheSchedule, with_budget
 from .spec import CacheSpec
+from .undo import Reversible
 
 
-class ComputeCounter:
+class ComputeCounter(Reversible):
     """Counts attention rows/calls and linear MACs of a transformer while installed (a context manager)."""
 
     def __init__(self, transformer: nn.Module) -> None:
@@ -37,26 +38,14 @@ class ComputeCounter:
         self.attention_rows = 0
         self.attention_calls = 0
         self.linear_macs = 0
-        self._undo: list[Callable[[], None]] = []
+        super().__init__()
 
-    def __enter__(self) -> "ComputeCounter":
-        try:
-            for _, module in attention_modules(self.transformer):
-                self._wrap(module, self._count_attention)
-            for module in self.transformer.modules():
-                if isinstance(module, nn.Linear):
-                    self._wrap(module, self._count_linear)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+    def install(self) -> None:
+        for _, module in attention_modules(self.transformer):
+            self._wrap(module, self._count_attention)
+        for module in self.transformer.modules():
+            if isinstance(module, nn.Linear):
+                self._wrap(module, self._count_linear)
 
     def _wrap(self, module: nn.Module, count: Callable[[nn.Module, tuple, dict], None]) -> None:
         original = module.forward
