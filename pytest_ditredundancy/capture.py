@@ -234,6 +234,22 @@ class RedundancyCapture:
             self.messages.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this capture's recorded state keeps alive, each storage counted once at its full size (a view
+        keeps its whole storage): ``kept`` the previous-step tensors (one step's captured tensors), ``other``
+        the per-step statistics and timestep references (a few floats per sample and step)."""
+        found: dict[int, torch.Tensor] = {}
+        _reachable_tensors(self.runs, set(), found)
+        kept_ids = {id(s.previous) for run in self.runs for s in run.series.values() if s.previous is not None}
+        storages: dict[int, tuple[int, bool]] = {}
+        for key, tensor in found.items():
+            storage = tensor.untyped_storage()
+            kept = key in kept_ids or storages.get(storage.data_ptr(), (0, False))[1]
+            storages[storage.data_ptr()] = (storage.nbytes(), kept)
+        kept_total = sum(n for n, kept in storages.values() if kept)
+        other = sum(n for n, kept in storages.values() if not kept)
+        return {"kept": kept_total, "other": other, "total": kept_total + other}
+
     # -- result -------------------------------------------------------------------------------------------
     def profile(self, **metadata: Any) -> RedundancyProfile:
         """Build the :class:`RedundancyProfile` (one device-to-host transfer). ``metadata`` fills
@@ -301,6 +317,24 @@ def _guidance_active(pipeline: Any) -> bool | None:
     except Exception:  # no such property, or it reads call state this pipeline does not set
         scale = getattr(pipeline, "_guidance_scale", None)
         return scale > 1 if isinstance(scale, (int, float)) else None
+
+
+def _reachable_tensors(value: Any, seen: set[int], found: dict[int, torch.Tensor]) -> None:
+    """Every tensor reachable from ``value`` through containers and objects (an audit, not a bookkeeping)."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        found[id(value)] = value
+    elif isinstance(value, dict):
+        for item in value.values():
+            _reachable_tensors(item, seen, found)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _reachable_tensors(item, seen, found)
+    elif hasattr(value, "__dict__"):
+        for item in vars(value).values():
+            _reachable_tensors(item, seen, found)
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list:

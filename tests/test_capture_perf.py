@@ -12,7 +12,6 @@ The timed counterparts (overhead, memory peak, batching, reference comparison) a
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
@@ -70,37 +69,9 @@ def test_capture_makes_no_host_transfer_during_the_loop(tiny_pipeline_cache, tra
     assert any(module.startswith(PACKAGE) for _, module in transfers), "profile() should do the one transfer"
 
 
-def _tensors(value, seen: set[int], found: dict[int, torch.Tensor]) -> None:
-    """Every tensor reachable from ``value`` through containers, dataclasses and plain objects."""
-    if id(value) in seen:
-        return
-    seen.add(id(value))
-    if isinstance(value, torch.Tensor):
-        found[id(value)] = value
-    elif isinstance(value, dict):
-        for item in value.values():
-            _tensors(item, seen, found)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            _tensors(item, seen, found)
-    elif dataclasses.is_dataclass(value) or hasattr(value, "__dict__"):
-        for item in vars(value).values():
-            _tensors(item, seen, found)
-
-
 def held_bytes(cap) -> tuple[int, int]:
-    """(bytes of kept step tensors, bytes of everything else) the capture's recorded state keeps alive,
-    counting each storage once, at its full size (a view keeps its whole storage alive)."""
-    found: dict[int, torch.Tensor] = {}
-    _tensors(cap.runs, set(), found)
-    kept_ids = {id(s.previous) for run in cap.runs for s in run.series.values() if s.previous is not None}
-    storages: dict[int, tuple[int, bool]] = {}
-    for key, tensor in found.items():
-        storage = tensor.untyped_storage()
-        kept = key in kept_ids or storages.get(storage.data_ptr(), (0, False))[1]
-        storages[storage.data_ptr()] = (storage.nbytes(), kept)
-    kept_total = sum(n for n, kept in storages.values() if kept)
-    return kept_total, sum(n for n, kept in storages.values() if not kept)
+    held = cap.held_bytes()  # walks everything reachable from the capture's recorded state
+    return held["kept"], held["other"]
 
 
 def test_capture_memory_does_not_grow_with_steps(tiny_pipeline_cache):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dit_runs import FAST, NO_BASELINES, QUICK_SUITES, differences, run_pytest, same_results, use_suites
+from dit_runs import FAST, NO_BASELINES, QUICK_SUITES, run_pytest, same_results, use_suites
 from pytest_ditredundancy import distributed, profile_model
 from pytest_ditredundancy.distributed import DeviceAssigner, XdistHooks, configure_worker
 from pytest_ditredundancy.merge import MergeError, Shard, check_shards, merge_profiles

@@ -12,8 +12,6 @@ shrinks instead), so the tiny catalog sizes still give several video tokens per 
 
 from __future__ import annotations
 
-import torch
-
 from .tiny_parts import seeded, t5_encoder, t5_tokenizer
 
 #: Hidden size of every tiny text encoder; transformers project captions from this width.
