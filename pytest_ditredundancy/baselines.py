@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .io import atomic_write_text
+from .io import atomic_write_text, plain
 
 SCHEMA = "pytest-ditredundancy/baseline"
 SCHEMA_VERSION = 1
@@ -116,7 +116,7 @@ class BaselineStore:
                                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
             data.setdefault("tolerances", DEFAULT_TOLERANCES)
             for name, value in sections.items():
-                value = _rounded(value)
+                value = plain(value, _rounded)  # floats to 7 significant digits: readable files
                 if name.startswith("suites."):
                     suites, key = data.setdefault("suites", {}), name.split(".", 1)[1]
                     if merge and isinstance(value, dict) and isinstance(suites.get(key), dict):
@@ -179,14 +179,7 @@ def profile_section(kinds: list[str], layers: list[str], mean: np.ndarray, sprea
 
 
 def _rounded(value: Any) -> Any:
-    """Floats to 7 significant digits (far below any tolerance), so files stay readable."""
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    return value
+    return _number(value) if isinstance(value, float) else value
 
 
 def _number(value: float) -> float | None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .io import plain
+
 
 def package_version(name: str) -> str:
     try:
@@ -46,18 +48,6 @@ def device_class(device: torch.device | str) -> str:
     return torch.device(device).type
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
 def describe_components(meta: Any, pipeline: Any, transformer: Any, scheduler: Any) -> None:
     """Fill the class names, scheduler config, sigmas, dtype and device of ``meta`` from live objects."""
     if pipeline is not None:
@@ -75,7 +65,7 @@ def describe_components(meta: Any, pipeline: Any, transformer: Any, scheduler: A
         meta.scheduler_class = type(scheduler).__name__
         config = getattr(scheduler, "config", None)
         if config is not None:
-            meta.scheduler_config = {k: _jsonable(v) for k, v in dict(config).items() if not k.startswith("_")}
+            meta.scheduler_config = {k: plain(v) for k, v in dict(config).items() if not k.startswith("_")}
             meta.num_train_timesteps = meta.scheduler_config.get("num_train_timesteps")
         sigmas = getattr(scheduler, "sigmas", None)
         if isinstance(sigmas, torch.Tensor):

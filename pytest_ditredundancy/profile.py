@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_text
+from .io import atomic_write_text, plain
 from .metrics import METRICS
 
 SCHEMA = "pytest-ditredundancy/profile"
@@ -162,10 +162,10 @@ class RedundancyProfile:
     def to_json(self) -> str:
         shape = {"prompts": self.num_prompts, "branches": self.branches, "kinds": self.kinds,
                  "layers": self.layers, "step_pairs": self.num_step_pairs}
-        meta = _finite_json(asdict(self.metadata))
+        meta = plain(asdict(self.metadata), _finite_or_text)
         lines = ["{", f' "schema": {json.dumps(SCHEMA)},', f' "schema_version": {SCHEMA_VERSION},',
                  f' "shape": {json.dumps(shape)},', ' "metadata": {']
-        lines.append(",\n".join(f"  {json.dumps(k)}: {json.dumps(v, default=_jsonable)}" for k, v in meta.items()))
+        lines.append(",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()))
         lines.append(' },\n "series": [')
         rows = []
         for p in range(self.num_prompts):
@@ -240,23 +240,9 @@ def _numbers(values: np.ndarray, computed: np.ndarray) -> str:
     return ",".join(out)
 
 
-def _finite_json(value: Any) -> Any:
-    """Strict JSON has no NaN/Infinity: write non-finite floats (e.g. in scheduler configs) as strings."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
+def _finite_or_text(value: Any) -> Any:
+    """Strict JSON has no NaN/Infinity: non-finite floats (e.g. in scheduler configs) are written as strings."""
+    return str(value) if isinstance(value, float) and not np.isfinite(value) else value
 
 
 class _quiet_nan_warnings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -143,10 +142,3 @@ class DitSession:
 
     def close(self) -> None:
         self.slot.release()
-
-
-def relpath(path: str | Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)

@@ -16,11 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from ..checks import PAPER_CV_RANGE
 from ..environment import versions
-from ..io import atomic_write_text
+from ..io import atomic_write_text, plain
 from ..options import DitConfig
 
 SCHEMA = "pytest-ditredundancy/report"
@@ -35,23 +34,7 @@ SUITE_TITLES = {"prompt_stability": "Prompt stability", "step_stability": "Step-
 
 def jsonable(value: Any) -> Any:
     """Plain, strict-JSON builtins: numpy scalars unwrapped, NaN/inf as None, tuples and sets as lists."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, str):
-        return str(value)  # str subclasses (torch's TorchVersion) are not plain: execnet refuses them
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    return str(value)
+    return plain(value, lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
 
 
 def config_dict(cfg: DitConfig, models: list[str]) -> dict[str, Any]:
