@@ -1,4 +1,5 @@
 """``python -m pytest_ditredundancy merge shard-*.json --report index.html [--json merged.json] [--profiles-dir DIR]``
+and ``python -m pytest_ditredundancy plan --dit-model=NAME [--gpu-memory=80GB]`` (see README, "Capture plan").
 
 Exit status: 0 when every merged suite passed and no test is missing, 1 when something failed or is
 missing, 2 when the shards cannot be merged (the message says why).
@@ -27,11 +28,23 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(<dir>/<model>/<settings key>.json)")
     m.add_argument("--baseline-dir", type=Path, help="baselines to judge against (default: the shards' "
                                                      "--dit-baseline-dir)")
+    p = commands.add_parser("plan", help="capture sites and memory of a full-size model, built without weights",
+                            description="Build the real transformer of a registered model on the meta device "
+                                        "(no weights, no memory), list its capture sites and the capture's memory "
+                                        "at the model's default size, frames and guidance.")
+    p.add_argument("--dit-model", required=True, help="registered full-size model(s), comma-separated, or 'all'")
+    p.add_argument("--gpu-memory", help="GPU size to check the fit against, e.g. 80GB (10^9) or 80GiB (2^30)")
+    p.add_argument("--kinds", default=None, help="capture only these kinds, e.g. a,a_text (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "plan":
+        from .capture_plan_text import run_plan
+
+        return run_plan(args.dit_model, gpu_memory=args.gpu_memory, kinds=args.kinds, batch_size=args.batch_size)
     if not (args.report or args.json or args.profiles_dir):
         print("merge: nothing to write: give --report, --json and/or --profiles-dir", file=sys.stderr)
         return 2

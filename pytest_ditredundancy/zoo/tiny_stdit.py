@@ -135,15 +135,15 @@ class TinySTDiT(nn.Module):
 
     def __init__(self, in_channels: int = 4, dim: int = 32, depth: int = 2, heads: int = 4,
                  patch: tuple[int, int, int] = (1, 2, 2), caption_channels: int = TEXT_DIM,
-                 tokens: int = TEXT_LEN) -> None:
+                 tokens: int = TEXT_LEN, mlp_ratio: float = 2.0) -> None:
         super().__init__()
         self.in_channels, self.dim, self.patch = in_channels, dim, patch
         self.x_embedder = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.t_embedder = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.y_embedder = CaptionEmbedder(caption_channels, dim, tokens)
-        self.spatial_blocks = nn.ModuleList(STDiT3Block(dim, heads, temporal=False) for _ in range(depth))
-        self.temporal_blocks = nn.ModuleList(STDiT3Block(dim, heads, temporal=True) for _ in range(depth))
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(dim, heads, False, mlp_ratio) for _ in range(depth))
+        self.temporal_blocks = nn.ModuleList(STDiT3Block(dim, heads, True, mlp_ratio) for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.final_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.final_linear = nn.Linear(dim, math.prod(patch) * in_channels)
