@@ -19,19 +19,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .baseline_schema import SchemaProblem, validate_baseline
 from .io import atomic_write_text, plain
+from .tolerances import Tolerance, default_table, resolve
 
 SCHEMA = "pytest-ditredundancy/baseline"
-SCHEMA_VERSION = 1
-
-#: Per device class: tolerance per cell = spread_factor * prompt spread + relative_floor * |baseline| +
-#: absolute_floor. CPU runs repeat to ~1e-6; GPU kernels and half precision move values by percents.
-DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "cpu": {"spread_factor": 0.25, "relative_floor": 1e-3, "absolute_floor": 1e-7},
-    "cuda": {"spread_factor": 0.5, "relative_floor": 0.02, "absolute_floor": 1e-5},
-    "mps": {"spread_factor": 0.5, "relative_floor": 0.02, "absolute_floor": 1e-5},
-}
-
+SCHEMA_VERSION = 2  # 2: tolerance levels; suite sections store values, bounds come from the tolerances
 
 class BaselineError(ValueError):
     """A baseline file that cannot be used; the message names the file and the fix."""
@@ -55,16 +48,16 @@ class Baseline:
     def suite(self, name: str) -> dict[str, Any] | None:
         return self.data.get("suites", {}).get(name)
 
-    def tolerances(self, device_class: str) -> dict[str, float]:
-        stored = self.data.get("tolerances", {})
-        return dict(stored.get(device_class) or DEFAULT_TOLERANCES.get(device_class) or DEFAULT_TOLERANCES["cuda"])
+    def tolerance(self, level: str, device_class: str) -> Tolerance:
+        """The tolerance this file stores for ``level`` on ``device_class`` (validated when it was read)."""
+        return resolve(self.data.get("tolerances"), level, device_class)
 
     def profile_arrays(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
         """(kinds, layers, mean [kind, layer, step], spread [kind, layer, step]); null cells become NaN."""
         section = self.profile
         if section is None:
             raise BaselineError(f"{self.path} has no profile section")
-        kinds, layers = section["kinds"], section["layers"]
+        kinds, layers = section["kinds"], section["layers"]  # shapes checked by validate_baseline
         mean = np.array([[_row(section["mean"][k][l]) for l in range(len(layers))] for k in kinds], dtype=np.float64)
         spread = np.array([[_row(section["spread"][k][l]) for l in range(len(layers))] for k in kinds], dtype=np.float64)
         return kinds, layers, mean, spread
@@ -95,7 +88,15 @@ class BaselineStore:
         if not path.exists():
             return None
         self.used.add(path.resolve())
-        return Baseline(path, model, settings_key, read_baseline_file(path))
+        data = read_baseline_file(path)
+        for field_name, expected in (("model", model), ("settings_key", settings_key)):
+            if data[field_name] != expected:
+                raise BaselineError(
+                    f"baseline {path} belongs to {field_name} {data[field_name]!r}, not {expected!r}: it was copied or "
+                    f"renamed from another {field_name.replace('_', ' ')}, and comparing against it would report the "
+                    f"difference between two {field_name.replace('_', ' ')}s as drift. Restore the right file, or "
+                    "re-create it with --dit-update-baselines")
+        return Baseline(path, model, settings_key, data)
 
     def update(self, model: str, settings_key: str, *, metadata: dict[str, Any], sections: dict[str, Any],
                merge: bool = False) -> Path:
@@ -108,13 +109,17 @@ class BaselineStore:
         with _locked(path):
             try:
                 data = read_baseline_file(path) if path.exists() else {}
-            except BaselineError:
-                data = {}  # damaged: the user asked to rewrite it
+            except BaselineError as exc:
+                # Rewriting would keep only the sections of the tests that ran and drop every other one.
+                raise BaselineError(
+                    f"{exc}\nRefusing to update {path}: its other sections could not be read and would be lost. "
+                    "Repair the file (e.g. restore it from version control), or delete it and re-create every "
+                    "section with --dit-update-baselines and no -k filter") from None
             data.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model,
                          "settings_key": settings_key})
             data["metadata"] = {**data.get("metadata", {}), **metadata,
                                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            data.setdefault("tolerances", DEFAULT_TOLERANCES)
+            data.setdefault("tolerances", default_table())
             for name, value in sections.items():
                 value = plain(value, _rounded)  # floats to 7 significant digits: readable files
                 if name.startswith("suites."):
@@ -137,17 +142,34 @@ class BaselineStore:
         return out
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a baseline may hold")
+
+
 def read_baseline_file(path: Path) -> dict[str, Any]:
+    """The parsed, validated document; :class:`BaselineError` naming the file, the spot and the fix."""
     fix = "re-create it with --dit-update-baselines (after checking why it changed)"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BaselineError(f"baseline {path} is corrupt or truncated ({exc}); {fix}") from None
+    except ValueError as exc:  # NaN / Infinity: would disable the comparison it feeds
+        raise BaselineError(f"baseline {path} is not usable: {exc}; {fix}") from None
+    except OSError as exc:
+        raise BaselineError(f"baseline {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise BaselineError(f"{path} is not a pytest-ditredundancy baseline (schema {SCHEMA!r} missing); {fix}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BaselineError(f"baseline {path} has schema version {data.get('schema_version')!r}, this plugin reads "
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise BaselineError(f"baseline {path} has schema version {version}, written by a newer pytest-ditredundancy "
+                            f"(this one reads version {SCHEMA_VERSION}); upgrade the plugin to use it")
+    if version != SCHEMA_VERSION:
+        raise BaselineError(f"baseline {path} has schema version {version!r}, this plugin reads "
                             f"version {SCHEMA_VERSION}; {fix}")
+    try:
+        validate_baseline(data)
+    except SchemaProblem as exc:
+        raise BaselineError(f"baseline {path} is not usable: {exc}; repair that value or {fix}") from None
     return data
 
 

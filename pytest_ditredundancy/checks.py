@@ -1,8 +1,9 @@
 """The suites' checks, shared by ``suites/`` and by users' own tests through the ``dit_check`` fixture.
 
-Each check computes its statistic, compares it with the bound stored in the model's baseline (or the ini
-bound where no baseline exists), records the result for the report, and fails with a message that reads
-well in a CI log. With ``--dit-update-baselines`` it stores the statistic and new bounds instead.
+Each check computes its statistics, has :mod:`pytest_ditredundancy.verdicts` judge them against the
+model's baseline (*regression*) and against the paper's stability bounds (*claim*), records every finding
+for the report, and fails with a message that reads well in a CI log. With ``--dit-update-baselines`` it
+stores the statistics instead. A non-finite profile fails every suite before anything is judged or stored.
 """
 
 from __future__ import annotations
@@ -15,27 +16,25 @@ import numpy as np
 import pytest
 
 from . import statistics as stats
-from .baselines import Baseline, BaselineError, profile_section
+from . import verdicts
+from .baselines import Baseline, BaselineError, _rounded, profile_section
+from .io import plain
 from .runner import RunSettings
-from .schedulers import compatible_schedulers
+from .schedulers import compatible_schedulers, scheduler_rejection
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
+from .tolerances import Tolerance, resolve
+from .verdicts import PAPER_CV_RANGE, Finding, fmt
 from .zoo.registry import ModelSpec
 
-PAPER_CV_RANGE = (0.10, 0.15)  # CV over prompts reported by the paper for its seven models
-SHAPE_TOLERANCE = 0.1  # half-width of stored shape-correlation bounds
+__all__ = ["SuiteCheck", "model_distinctness", "PAPER_CV_RANGE", "DitBaselineWarning", "DitClaimWarning"]
 
 
 class DitBaselineWarning(UserWarning):
     """The baseline was recorded on another device class or dtype than this run."""
 
 
-def _cv_bounds(value: float, ci_low: float, ci_high: float) -> list[float]:
-    half = max(0.25 * value, ci_high - ci_low if np.isfinite(ci_high - ci_low) else 0.0, 0.01)
-    return [max(0.0, value - half), value + half]
-
-
-def _fmt(value: float) -> str:
-    return "nan" if value is None or not np.isfinite(value) else f"{value:.4g}"
+class DitClaimWarning(UserWarning):
+    """A model breaks one of the paper's stability claims (reported; fails only with --dit-enforce-claims)."""
 
 
 @dataclass
@@ -59,83 +58,129 @@ class SuiteCheck:
     def key(self) -> str:
         return self.session.settings_key(self.settings)
 
-    def profile(self, **overrides: Any):
-        return self.session.profile(self.spec, **overrides)
+    @property
+    def baseline_name(self) -> str:
+        """The name the model's baselines are stored under (``--dit-baseline-name`` when given)."""
+        name_for = getattr(self.session, "baseline_name_for", None)
+        return name_for(self.spec) if callable(name_for) else self.spec.name
 
-    def record(self, suite: str, statistic: str, value: float, bounds: list[float] | None, passed: bool,
+    def profile(self, **overrides: Any):
+        """The session's profile; a non-finite one fails the test (naming where NaN first appeared)."""
+        profile = self.session.profile(self.spec, **overrides)
+        try:
+            stats.require_finite(profile)
+        except stats.NonFiniteProfileError as exc:
+            pytest.fail(f"{self.spec.name}: {exc}", pytrace=False)
+        return profile
+
+    def record(self, suite: str, statistic: str, value: float | None, bounds: list | None, passed: bool,
                **details: Any) -> None:
         entry = {"model": self.spec.name, "family": self.spec.family, "suite": suite, "statistic": statistic,
                  "value": None if value is None or not np.isfinite(value) else float(value),
                  "bounds": bounds, "passed": bool(passed), "nodeid": self.item.nodeid, **details}
         self.item.user_properties.append((RECORD_KEY, entry))
 
+    def tolerance(self, baseline: Baseline | None) -> Tolerance:
+        level, device_class = self.session.config.tolerance, self.session.device_class
+        return baseline.tolerance(level, device_class) if baseline is not None else resolve(None, level, device_class)
+
     def baseline(self) -> Baseline | None:
         try:
-            baseline = self.session.store.load(self.spec.name, self.key)
+            baseline = self.session.store.load(self.baseline_name, self.key)
         except BaselineError as exc:
-            if self.session.config.update_baselines:
-                return None
             pytest.fail(str(exc), pytrace=False)
         if baseline is not None:
             self.item.user_properties.append((BASELINE_USED_KEY, str(baseline.path)))
+            self._check_settings(baseline)
             self._warn_on_device_mismatch(baseline)
         return baseline
+
+    def _check_settings(self, baseline: Baseline) -> None:
+        """The file's recorded run settings must be this run's (a renamed or hand-copied file is caught here)."""
+        stored = baseline.metadata.get("settings")
+        if not isinstance(stored, dict):
+            pytest.fail(f"baseline {baseline.path} does not record its run settings (metadata.settings); re-create it "
+                        f"with:\n    {self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
+        current = plain(self.settings.__dict__, _rounded)
+        differ = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in current.items() if stored.get(k) != v]
+        if differ:
+            pytest.fail(f"baseline {baseline.path} was recorded with other settings ({'; '.join(differ)}): its numbers "
+                        "are not comparable with this run. Restore the right file, or re-create it with:\n    "
+                        f"{self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
 
     def _warn_on_device_mismatch(self, baseline: Baseline) -> None:
         stored_class, stored_dtype = baseline.metadata.get("device_class"), baseline.metadata.get("dtype")
         profile_dtype = self.profile().metadata.dtype
         if stored_class != self.session.device_class or stored_dtype != profile_dtype:
             warnings.warn(DitBaselineWarning(
-                f"{baseline.path.name} of {self.spec.name} was recorded on {stored_class}/{stored_dtype}, this run is "
+                f"{baseline.path.name} of {self.baseline_name} was recorded on {stored_class}/{stored_dtype}, this run is "
                 f"{self.session.device_class}/{profile_dtype}: using the {self.session.device_class} tolerances stored "
                 "in the baseline"), stacklevel=2)
 
     def missing(self, suite: str) -> None:
         command = self.session.config.command(self.spec.name, "--dit-update-baselines", f"-k {suite}")
-        pytest.fail(f"no {suite} baseline for {self.spec.name} with settings {self.key} in "
-                    f"{self.session.store.path_for(self.spec.name, self.key)}.\nCreate it with:\n    {command}",
+        pytest.fail(f"no {suite} baseline for {self.baseline_name} with settings {self.key} in "
+                    f"{self.session.store.path_for(self.baseline_name, self.key)}.\nCreate it with:\n    {command}\n"
+                    "(or judge the model by the paper's stability claims alone with --dit-enforce-claims)",
                     pytrace=False)
 
     def update(self, section: str, value: Any) -> None:
         profile = self.profile()
-        path = self.session.store.update(self.spec.name, self.key, sections={section: value},
-                                         metadata=self.session.baseline_metadata(profile, self.settings))
+        metadata = {**self.session.baseline_metadata(profile, self.settings),
+                    "checkpoint_scheduler": profile.metadata.extra.get("checkpoint_scheduler")}
+        try:
+            path = self.session.store.update(self.baseline_name, self.key, sections={section: value}, metadata=metadata)
+        except BaselineError as exc:
+            pytest.fail(str(exc), pytrace=False)
         self.item.user_properties.append((BASELINE_USED_KEY, str(path)))
+
+    def _stored(self, suite: str) -> tuple[dict | None, Tolerance]:
+        """The stored section of ``suite`` (None: no baseline, and the claims judge alone) and the tolerance."""
+        baseline = self.baseline()
+        stored = baseline.suite(suite) if baseline else None
+        if stored is None and not self.session.config.enforce_claims:
+            self.missing(suite)
+        return stored, self.tolerance(baseline)
+
+    def conclude(self, suite: str, findings: list[Finding], headline: str) -> None:
+        """Record every finding; fail on regressions (and on claims when enforced); warn on unmet claims."""
+        enforce = self.session.config.enforce_claims
+        failures, broken = [], []
+        for f in findings:
+            passed = f.passed or (f.question == "claim" and not enforce)
+            self.record(f.suite, f.statistic, f.value, f.bounds, passed, question=f.question,
+                        met=f.passed if f.question == "claim" else None, **f.details)
+            if not f.passed and f.question == "claim":
+                broken.append(f.message)
+            elif not f.passed:
+                failures.append(f.message)
+        if broken and not enforce:
+            warnings.warn(DitClaimWarning(f"{self.spec.name} breaks the paper's {suite.replace('_', ' ')} claim (reported, "
+                                          "not failing; --dit-enforce-claims makes it fail):\n" + "\n".join(broken)),
+                          stacklevel=3)
+        if failures or (broken and enforce):
+            parts = []
+            if failures:
+                parts.append(f"changed from its baseline ({self.session.config.tolerance} tolerance):\n" + "\n".join(failures))
+            if broken and enforce:
+                parts.append("breaks the paper's stability claim (--dit-enforce-claims):\n" + "\n".join(broken))
+            pytest.fail(f"{headline} of {self.spec.name} ({self.key}) " + "\nand ".join(parts), pytrace=False)
 
     # -- suite 1: prompt stability --------------------------------------------------------------------------
     def prompt_stability(self) -> list[stats.PromptStability]:
         """CV across prompts for every kind: the paper's statistic and a robust, mean-weighted one."""
         profile = self.profile()
         if profile.num_prompts < 2:
-            pytest.skip("prompt stability needs at least 2 prompts (--dit-num-prompts)")
-        results = stats.prompt_stability(profile, resamples=self.session.config.bootstrap, seed=self.session.config.seed)
+            pytest.fail(f"prompt stability needs at least 2 prompts, this run has {profile.num_prompts}: raise "
+                        "--dit-num-prompts or deselect the suite", pytrace=False)
+        results = stats.prompt_stability(profile)
         if self.session.config.update_baselines:
-            self.update("suites.prompt_stability", {r.kind: {
-                "robust_cv": r.robust_cv, "paper_cv": r.paper_cv, "ci": [r.ci_low, r.ci_high],
-                "bounds": _cv_bounds(r.robust_cv, r.ci_low, r.ci_high)} for r in results})
-            stored = {r.kind: {"bounds": _cv_bounds(r.robust_cv, r.ci_low, r.ci_high)} for r in results}
+            self.update("suites.prompt_stability", verdicts.prompt_section(results))
+            stored, tolerance = plain(verdicts.prompt_section(results), _rounded), self.tolerance(None)
         else:
-            baseline = self.baseline()
-            stored = baseline.suite("prompt_stability") if baseline else None
-            if stored is None and self.session.config.cv_bounds is None:
-                self.missing("prompt_stability")
-        failures = []
-        for r in results:
-            if stored is not None and r.kind not in stored:
-                self.record("prompt_stability", f"robust_cv[{r.kind}]", r.robust_cv, None, False, kind=r.kind)
-                failures.append(f"  {r.kind:7s} robust CV {_fmt(r.robust_cv)}: no bound in the baseline (a kind the "
-                                "baseline did not capture); update the baseline to include it")
-                continue
-            bounds = stored[r.kind]["bounds"] if stored is not None else list(self.session.config.cv_bounds)
-            ok = bool(np.isfinite(r.robust_cv)) and bounds[0] <= r.robust_cv <= bounds[1]
-            self.record("prompt_stability", f"robust_cv[{r.kind}]", r.robust_cv, bounds or None, ok, kind=r.kind,
-                        paper_cv=r.paper_cv, ci=[r.ci_low, r.ci_high], paper_reference=list(PAPER_CV_RANGE))
-            if not ok:
-                failures.append(f"  {r.kind:7s} robust CV {_fmt(r.robust_cv)} (95% CI {_fmt(r.ci_low)}–{_fmt(r.ci_high)}, "
-                                f"paper's statistic {_fmt(r.paper_cv)}) outside [{_fmt(bounds[0])}, {_fmt(bounds[1])}]")
-        if failures:
-            pytest.fail(f"prompt stability of {self.spec.name} changed ({self.key}; the paper reports CV "
-                        f"{PAPER_CV_RANGE[0]:.0%}–{PAPER_CV_RANGE[1]:.0%}):\n" + "\n".join(failures), pytrace=False)
+            stored, tolerance = self._stored("prompt_stability")
+        findings = verdicts.judge_prompt_stability(results, stored, tolerance, self.session.config.cv_bounds)
+        self.conclude("prompt_stability", findings, "prompt stability")
         return results
 
     # -- suites 2 and 3: shape stability across step counts and schedulers --------------------------------------
@@ -144,18 +189,19 @@ class SuiteCheck:
         variants = {f"steps{max(3, round(base * f))}": {"steps": max(3, round(base * f))}
                     for f in self.session.config.step_factors}
         variants.pop(f"steps{base}", None)
-        return self._shape_suite("step_stability", variants)
+        requested = set(variants) if "--dit-step-factors" in self.session.config.given else set()
+        return self._shape_suite("step_stability", variants, requested)
 
     def scheduler_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
         if self.spec.family == "open-sora":
             pytest.skip(f"{self.spec.name} samples with its own rectified-flow loop; it has no scheduler to swap")
-        names = self.session.config.schedulers or compatible_schedulers(self.spec.prediction)
+        explicit = self.session.config.schedulers
+        names = explicit or compatible_schedulers(self.spec.prediction)
         variants = {name: {"scheduler": name} for name in names if name != self.settings.scheduler}
-        return self._shape_suite("scheduler_stability", variants)
+        return self._shape_suite("scheduler_stability", variants, set(variants) if explicit else set())
 
-    def _shape_suite(self, suite: str, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, stats.ShapeComparison]]:
-        if not variants:
-            pytest.skip(f"{suite}: nothing to compare against the default settings")
+    def _shape_suite(self, suite: str, variants: dict[str, dict[str, Any]],
+                     requested: set[str]) -> dict[str, dict[str, stats.ShapeComparison]]:
         reference = self.profile()
         results: dict[str, dict[str, stats.ShapeComparison]] = {}
         unsupported: dict[str, str] = {}
@@ -163,9 +209,10 @@ class SuiteCheck:
             try:
                 other = self.profile(**overrides)
             except (ValueError, TypeError) as exc:
-                if "scheduler" not in str(exc).lower() or "scheduler" not in overrides:
+                reason = scheduler_rejection(exc) if "scheduler" in overrides else None
+                if reason is None:
                     raise
-                unsupported[label] = str(exc).splitlines()[0]  # e.g. the pipeline passes sigmas Heun can't take
+                unsupported[label] = reason  # e.g. the pipeline passes sigmas Heun cannot take
                 continue
             results[label] = {}
             for kind in reference.kinds:
@@ -174,42 +221,23 @@ class SuiteCheck:
                 a, ta = stats.step_curves(reference, kind)
                 b, tb = stats.step_curves(other, kind)
                 results[label][kind] = stats.compare_shapes(a, ta, b, tb)
-        for label, reason in unsupported.items():
-            self.record(suite, f"unsupported[{label}]", None, None, True, variant=label, reason=reason)
-        if not results:
-            pytest.skip(f"{suite}: no variant runs with this pipeline: " + "; ".join(f"{k}: {v}" for k, v in unsupported.items()))
         values = {f"{label}/{kind}": c.correlation for label, per in results.items() for kind, c in per.items()}
-        update = self.session.config.update_baselines
-        if update:
-            stored = {name: {"correlation": v, "bounds": [max(-1.0, v - SHAPE_TOLERANCE), min(1.0, v + SHAPE_TOLERANCE)]}
-                      for name, v in values.items()}
-            self.update(f"suites.{suite}", stored)
+        distances = {f"{label}/{kind}": c.distance for label, per in results.items() for kind, c in per.items()}
+        if self.session.config.update_baselines:
+            if not values and not variants:
+                pytest.skip(f"{suite}: nothing to compare against the default settings")
+            self.update(f"suites.{suite}", verdicts.shape_section(values))
+            stored, tolerance = plain(verdicts.shape_section(values), _rounded), self.tolerance(None)
         else:
-            baseline = self.baseline()
-            stored = baseline.suite(suite) if baseline else None
-            if stored is None and self.session.config.min_shape_correlation is None:
-                self.missing(suite)
-        failures = []
-        for name, value in values.items():
-            label, kind = name.split("/")
-            if stored is None:
-                bounds = [self.session.config.min_shape_correlation, 1.0]
-            elif name in stored:
-                bounds = stored[name]["bounds"]
-            else:
-                self.record(suite, f"correlation[{name}]", value, None, False, variant=label, kind=kind)
-                failures.append(f"  {name:22s} correlation {_fmt(value)}: no bound in the baseline (a new variant?); "
-                                "update the baseline to include it")
-                continue
-            ok = bool(np.isfinite(value)) and bounds[0] - 1e-9 <= value <= bounds[1] + 1e-9
-            self.record(suite, f"correlation[{name}]", value, bounds, ok, variant=label, kind=kind,
-                        distance=results[label][kind].distance)
-            if not ok:
-                failures.append(f"  {name:22s} shape correlation {_fmt(value)} outside [{_fmt(bounds[0])}, "
-                                f"{_fmt(bounds[1])}] (normalized distance {_fmt(results[label][kind].distance)})")
-        if failures:
-            pytest.fail(f"{suite.replace('_', ' ')} of {self.spec.name} changed ({self.key}); per-layer curves on "
-                        "normalized time vs the default settings:\n" + "\n".join(failures), pytrace=False)
+            stored, tolerance = self._stored(suite)
+            if not variants and not stored:
+                pytest.skip(f"{suite}: nothing to compare against the default settings")
+        findings = verdicts.judge_shapes(suite, values, stored, tolerance, self.session.config.min_shape_correlation,
+                                         unsupported=unsupported, requested=requested, distances=distances)
+        if not values and not any(not f.passed for f in findings):
+            pytest.skip(f"{suite}: no variant runs with this pipeline: "
+                        + "; ".join(f"{k}: {v}" for k, v in unsupported.items()))
+        self.conclude(suite, findings, suite.replace("_", " "))
         return results
 
     # -- suite 4: baseline regression ---------------------------------------------------------------------------
@@ -222,7 +250,7 @@ class SuiteCheck:
         data = np.where(profile.computed, profile.values[metric], np.nan)[:, b].astype(np.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            spread = np.nanstd(data, axis=0)
+            spread = np.nanstd(data, axis=0)  # NaN only where no prompt measured the cell (finite checked above)
         times = stats.normalized_times(profile.metadata.timesteps, profile.metadata.num_train_timesteps)
         if self.session.config.update_baselines:
             self.update("profile", profile_section(profile.kinds, profile.layers, mean, spread, metric=metric,
@@ -232,18 +260,38 @@ class SuiteCheck:
         baseline = self.baseline()
         if baseline is None or baseline.profile is None:
             self.missing("baseline_regression")
+        self._check_checkpoint_scheduler(baseline, profile)
         kinds, layers, base_mean, base_spread = baseline.profile_arrays()
         self._check_layout(baseline, kinds, layers, base_mean.shape[-1], profile)
-        tolerance = baseline.tolerances(self.session.device_class)
         order = [profile.kinds.index(k) for k in kinds]
-        drifts = stats.compare_to_baseline(mean[order], base_mean, base_spread, kinds=kinds, layers=layers, **tolerance)
-        self.record("baseline_regression", "cells_out_of_tolerance", len(drifts), [0, 0], not drifts,
-                    cells=int(np.isfinite(base_mean).sum()), worst=[d.__dict__ for d in drifts[:20]],
-                    tolerance=tolerance)
+        finding, drifts = verdicts.judge_cells(mean[order], kinds, layers, base_mean, base_spread,
+                                               self.tolerance(baseline))
+        self.record(finding.suite, finding.statistic, finding.value, finding.bounds, finding.passed, **finding.details)
         if drifts:
-            pytest.fail(f"{self.spec.name} drifted from its baseline {baseline.path.name} ({metric}, branch {branch}):\n"
-                        + stats.summarize_drift(drifts, layers), pytrace=False)
+            pytest.fail(f"{self.spec.name} drifted from its baseline {baseline.path.name} ({metric}, branch {branch}, "
+                        f"{self.session.config.tolerance} tolerance):\n" + finding.message, pytrace=False)
         return drifts
+
+    def _check_checkpoint_scheduler(self, baseline: Baseline, profile) -> None:
+        """A checkpoint that ships another scheduler class or config changed, even though the harness
+        profiles with the scheduler its settings name."""
+        stored = baseline.metadata.get("checkpoint_scheduler")
+        current = profile.metadata.extra.get("checkpoint_scheduler")
+        if stored is None or current is None:
+            return
+        current = plain(current, _rounded)
+        if stored.get("class") != current.get("class"):
+            problem = f"class {stored.get('class')} in the baseline, {current.get('class')} now"
+        else:
+            a, b = stored.get("config") or {}, current.get("config") or {}
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if not changed:
+                return
+            problem = "config " + "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:6])
+        pytest.fail(f"{self.spec.name} ships another scheduler than its baseline {baseline.path.name} ({problem}). "
+                    "Profiles run with the scheduler the settings name, so this change would not show in the numbers; "
+                    "if it is intended, re-create the baseline:\n    "
+                    f"{self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
 
     def _check_layout(self, baseline: Baseline, kinds: list[str], layers: list[str], steps: int, profile) -> None:
         fix = f"if the model changed on purpose, re-create it:\n    {self.session.config.command(self.spec.name, '--dit-update-baselines')}"
@@ -269,7 +317,14 @@ def model_distinctness(session: DitSession, item: pytest.Item) -> list[stats.Dis
     models = session.selected_models()
     if len(models) < 2:
         pytest.skip("model distinctness needs two or more models (--dit-model=a,b)")
-    signatures = [stats.signature(session.profile(session.spec(name))) for name in models]
+    signatures = []
+    for name in models:
+        profile = session.profile(session.spec(name))
+        try:
+            stats.require_finite(profile)
+        except stats.NonFiniteProfileError as exc:
+            pytest.fail(f"{name}: {exc}", pytrace=False)
+        signatures.append(stats.signature(profile))
     results, failures = [], []
     for i, a in enumerate(signatures):
         for b in signatures[i + 1:]:
@@ -282,8 +337,8 @@ def model_distinctness(session: DitSession, item: pytest.Item) -> list[stats.Dis
                 "within": [result.within_a, result.within_b]}))
             results.append(result)
             if not ok:
-                failures.append(f"  {result.model_a} vs {result.model_b}: distance {_fmt(result.between)} <= prompt "
-                                f"spread {_fmt(max(result.within_a, result.within_b))}")
+                failures.append(f"  {result.model_a} vs {result.model_b}: distance {fmt(result.between)} <= prompt "
+                                f"spread {fmt(max(result.within_a, result.within_b))}")
     if failures:
         pytest.fail("models are not distinguishable from their prompt-to-prompt spread:\n" + "\n".join(failures),
                     pytrace=False)

@@ -33,7 +33,7 @@ from .zoo.registry import ModelSpec
 
 #: run settings every shard must share (batch size, device index and baseline directory may differ)
 AGREE = ("models", "dtype", "prompts", "prompt_source", "num_prompts", "steps", "scheduler", "seed",
-         "step_factors", "schedulers", "bootstrap", "cv_bounds", "min_shape_correlation")
+         "step_factors", "schedulers", "cv_bounds", "min_shape_correlation", "enforce_claims", "tolerance")
 BAD = ("failed", "error", "crashed")
 
 
@@ -127,11 +127,31 @@ def merge_profiles(parts: list[tuple[int, int, RedundancyProfile]], total: int, 
                 raise MergeError(f"{label}: shards disagree on model settings ({what}: {a} vs {b})")
         if not np.allclose(first.metadata.timesteps, other.metadata.timesteps):
             raise MergeError(f"{label}: shards disagree on model settings (timesteps differ)")
+    _require_complete(parts, label)
     meta = ProfileMetadata.from_dict({**first.metadata.__dict__, "prompts": [p for _, _, q in parts for p in q.metadata.prompts],
                                       "extra": {**first.metadata.extra, "prompt_offset": 0}})
     values = {m: np.concatenate([q.values[m] for _, _, q in parts]) for m in first.values}
     return RedundancyProfile(list(first.layers), list(first.kinds), list(first.branches), values,
                              np.concatenate([q.computed for _, _, q in parts]), meta)
+
+
+def _require_complete(parts: list[tuple[int, int, RedundancyProfile]], label: str) -> None:
+    """Every prompt of every shard must have measured every series some prompt measured: a shard that lost
+    series (a crashed hook, a layer that stopped running) would otherwise merge into NaN cells read as drift."""
+    union = np.zeros(parts[0][2].shape[1:], dtype=bool)
+    for _, _, profile in parts:
+        union |= profile.computed.any(axis=0)
+    series = union.any(axis=-1)  # [branch, kind, layer]
+    for start, end, profile in parts:
+        lost = union[None] & ~profile.computed  # [prompt, branch, kind, layer, step]
+        if not lost.any():
+            continue
+        lost_series = lost.any(axis=(0, -1)) & series
+        b, k, l = np.argwhere(lost.any(axis=(0, -1)))[0]
+        raise MergeError(
+            f"{label}: the shard with prompts {start}-{end - 1} is incomplete: it lacks {int(lost_series.sum())} of "
+            f"{int(series.sum())} series the other prompts measured (first: layer {profile.layers[l]}, kind "
+            f"{profile.kinds[k]}, branch {profile.branches[b]}). Re-run that shard; a merge never fills gaps")
 
 
 def config_from_run(run: dict[str, Any], baseline_dir: Path | None = None) -> DitConfig:
@@ -140,7 +160,11 @@ def config_from_run(run: dict[str, Any], baseline_dir: Path | None = None) -> Di
     values = {k: v for k, v in run.items() if k in known}
     for name in ("models", "prompts", "step_factors", "schedulers"):
         values[name] = tuple(values.get(name) or ())
-    values["cv_bounds"] = tuple(values["cv_bounds"]) if values.get("cv_bounds") else None
+    for name in ("cv_bounds", "min_shape_correlation", "enforce_claims", "tolerance"):
+        if name not in values:
+            raise MergeError(f"the shards' run settings lack {name!r}: they were written by another version of the "
+                             "plugin; re-run the shards with this one")
+    values["cv_bounds"] = tuple(values["cv_bounds"])
     values["baseline_dir"] = Path(baseline_dir or values["baseline_dir"])
     given = {k: v for k, v in (values.get("given") or {}).items() if k not in ("--dit-shard", "--dit-json", "--dit-report")}
     values.update(report=None, json=None, shard=None, update_baselines=False, given=given)  # commands it suggests: unsharded

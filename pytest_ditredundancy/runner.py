@@ -13,7 +13,7 @@ from .adapters import DenoisingLoop, profile_loop
 from .capture import capture_redundancy
 from .profile import RedundancyProfile
 from .prompts import default_prompts, select_prompts
-from .schedulers import apply_scheduler
+from .schedulers import apply_scheduler, checkpoint_scheduler
 from .sites import DEFAULT_KINDS
 from .zoo.loading import load_model, resolve_device, resolve_spec, spec_of
 from .zoo.registry import ModelSpec
@@ -131,7 +131,7 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
         model=spec.name, model_id=spec.checkpoint, seed=seed, height=settings.height, width=settings.width,
         num_frames=settings.num_frames, guidance_scale=settings.guidance_scale, prompts=list(chosen),
         extra={"settings_key": settings.key(), "scheduler_alias": settings.scheduler, "batch_size": batch_size,
-               "prompt_offset": prompt_offset, "family": spec.family},
+               "prompt_offset": prompt_offset, "family": spec.family, "checkpoint_scheduler": checkpoint_scheduler(pipe)},
     )
 
 

@@ -85,5 +85,34 @@ def apply_scheduler(pipe: Any, name: str | None) -> Any:
     return scheduler
 
 
+def checkpoint_scheduler(pipe: Any) -> dict[str, Any]:
+    """The class and config of the scheduler the pipeline was loaded with (before any swap).
+
+    Profiles run with the scheduler the settings name, built from this one's config, so a checkpoint that
+    ships another scheduler class would otherwise be invisible; baselines record it and the regression
+    suite compares it.
+    """
+    from .io import plain
+
+    try:
+        original = _ORIGINAL.get(pipe) or pipe.scheduler
+    except TypeError:
+        original = pipe.scheduler
+    config = {k: v for k, v in dict(getattr(original, "config", {}) or {}).items() if not k.startswith("_")}
+    return {"class": type(original).__name__, "config": plain(config)}
+
+
+#: Words in the ValueError diffusers' ``retrieve_timesteps`` raises for a scheduler whose ``set_timesteps``
+#: cannot take the custom sigmas/timesteps a pipeline passes (e.g. Heun with Flux).
+_REJECTION = "set_timesteps` does not support custom"
+
+
+def scheduler_rejection(exc: BaseException) -> str | None:
+    """The reason when ``exc`` says the pipeline cannot run this scheduler at all, else None (a real error)."""
+    if isinstance(exc, ValueError) and _REJECTION in str(exc):
+        return str(exc).splitlines()[0]
+    return None
+
+
 def compatible_schedulers(prediction: str) -> tuple[str, ...]:
     return COMPATIBLE.get(prediction, COMPATIBLE["flow"])

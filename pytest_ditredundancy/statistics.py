@@ -60,28 +60,68 @@ def robust_cv(cells: np.ndarray, exclude_layers: np.ndarray | None = None) -> fl
     return float(std.sum() / total) if total > 0 else float("nan")
 
 
-def bootstrap_ci(cells: np.ndarray, statistic: Callable[..., float] = robust_cv, *, resamples: int = 200,
-                 level: float = 0.95, seed: int = 0, **kwargs) -> tuple[float, float]:
-    """Percentile interval of ``statistic`` over prompts resampled with replacement (deterministic per seed).
+def confidence_interval(cells: np.ndarray, statistic: Callable[..., float] = robust_cv, *, level: float = 0.95,
+                        **kwargs) -> tuple[float, float]:
+    """Interval for a positive spread statistic over prompts: jackknife on the log scale, bias-corrected.
 
-    A resample repeats prompts, which shrinks every spread statistic (by ~sqrt((n-1)/n) for a std); over
-    hundreds of cells that shift dwarfs the sampling noise and the plain interval would miss the estimate.
-    So the replicates are recentred: their median is moved onto the full-sample value. (nan, nan) with
-    fewer than two prompts. Extra keyword arguments go to ``statistic``.
+    Spread statistics are biased low with few prompts (the population std of 8 draws is ~10% below sigma)
+    and skewed, so a bootstrap percentile interval sits below the true value: in simulation it covered the
+    true CV of synthetic profiles in about half the draws. Leave-one-prompt-out estimates of ``log(statistic)``
+    give a bias correction and a standard error, and a Student-t interval on that scale, mapped back,
+    covers the true value in 90-96% of draws for normal prompt effects (8-32 prompts, cells independent or
+    sharing a prompt effect) and 86-94% for heavy-tailed ones; ``tests/test_statistics.py`` checks it.
+    Deterministic (no resampling). (0, 0) when all prompts agree; (nan, nan) with fewer than three prompts
+    or a statistic that is not positive for every leave-one-out sample.
+    Extra keyword arguments go to ``statistic``.
     """
+    from scipy.stats import t as student_t
+
     cells = np.asarray(cells, dtype=np.float64)
     n = cells.shape[0]
-    if n < 2 or resamples < 1:
+    if n < 3:
         return float("nan"), float("nan")
-    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    stats = np.array([statistic(cells[idx], **kwargs) for idx in picks], dtype=np.float64)
-    stats = stats[np.isfinite(stats)]
     estimate = float(statistic(cells, **kwargs))
-    if not stats.size or not np.isfinite(estimate):
+    leave_one_out = np.array([statistic(np.delete(cells, i, axis=0), **kwargs) for i in range(n)], dtype=np.float64)
+    if abs(estimate) < 1e-12 and (np.abs(leave_one_out) < 1e-12).all():
+        return 0.0, 0.0  # every prompt agrees: no spread to be uncertain about
+    if not np.isfinite(estimate) or estimate <= 0 or not (np.isfinite(leave_one_out) & (leave_one_out > 0)).all():
         return float("nan"), float("nan")
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(stats, [tail, 100.0 - tail]) + (estimate - np.median(stats))
-    return float(low), float(high)
+    logs = np.log(leave_one_out)
+    centre = n * np.log(estimate) - (n - 1) * logs.mean()
+    error = float(np.sqrt((n - 1) / n * ((logs - logs.mean()) ** 2).sum()))
+    half = float(student_t.ppf(0.5 + level / 2.0, n - 1)) * error
+    return float(np.exp(centre - half)), float(np.exp(centre + half))
+
+
+class NonFiniteProfileError(ValueError):
+    """A profile holds NaN or infinite measurements: the model produced non-finite activations."""
+
+
+def first_nonfinite(profile: RedundancyProfile) -> str | None:
+    """Where non-finite values first appear (earliest step pair, then shallowest layer), or None.
+
+    Ordered by time and depth because the first bad cell is the cause; everything after it is fallout.
+    """
+    bad = profile.nonfinite
+    if not bad.any():
+        return None
+    where = np.argwhere(bad)  # [prompt, branch, kind, layer, step]
+    first = min(where.tolist(), key=lambda w: (w[4], w[3], w[2], w[1], w[0]))
+    p, b, k, l, s = first
+    count = int(bad.any(axis=(0, 1)).sum())
+    return (f"layer {profile.layers[l]} (layer {l + 1} of {len(profile.layers)}), kind {profile.kinds[k]}, step pair "
+            f"{s} ({s}->{s + 1}), branch {profile.branches[b]}, prompt {p}; {count} of "
+            f"{int(profile.computed.any(axis=(0, 1)).sum())} measured kind x layer x step cells are non-finite")
+
+
+def require_finite(profile: RedundancyProfile) -> None:
+    """Raise :class:`NonFiniteProfileError` naming the first non-finite cell (statistics would drop it)."""
+    where = first_nonfinite(profile)
+    if where is not None:
+        raise NonFiniteProfileError(
+            f"the profile of {profile.metadata.model or 'this model'} is non-finite (NaN or inf activations) from "
+            f"{where}. A model that produces NaN cannot be judged or stored as a baseline; find the layer that "
+            "overflows (dtype, a broken weight, a scheduler that diverges)")
 
 
 @dataclass
@@ -103,6 +143,7 @@ def _kind_cells(profile: RedundancyProfile, kind: str, metric: str, branch: str 
     for name, axis, what in ((branch, profile.branches, "branch"), (kind, profile.kinds, "kind")):
         if name not in axis:
             raise KeyError(f"no {what} {name!r} in this profile; it has: {', '.join(axis)}")
+    require_finite(profile)
     b, k = profile.branches.index(branch), profile.kinds.index(kind)
     cells = np.where(profile.computed[:, b, k], profile.values[metric][:, b, k], np.nan).astype(np.float64)
     constant = profile.constant[:, b, k].all(axis=0) if profile.num_prompts else np.zeros(len(profile.layers), bool)
@@ -118,14 +159,14 @@ def _prompt_mean(cells: np.ndarray) -> np.ndarray:
         return np.nanmean(cells, axis=0)
 
 
-def prompt_stability(profile: RedundancyProfile, *, metric: str = "abs_l1", branch: str | None = None,
-                     resamples: int = 200, seed: int = 0) -> list[PromptStability]:
+def prompt_stability(profile: RedundancyProfile, *, metric: str = "abs_l1",
+                     branch: str | None = None) -> list[PromptStability]:
     """One :class:`PromptStability` per kind; layers constant for every prompt are left out."""
     out = []
     for kind in profile.kinds:
         cells, constant = _kind_cells(profile, kind, metric, branch)
         cells[:, constant] = np.nan  # also out of paper_cv (their mean is 0 anyway)
-        low, high = bootstrap_ci(cells, robust_cv, resamples=resamples, seed=seed)
+        low, high = confidence_interval(cells, robust_cv)
         out.append(PromptStability(kind, paper_cv(cells), robust_cv(cells), low, high, _cell_moments(cells)[1].size))
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 FAST = ["--dit-steps=6", "--dit-num-prompts=3", "--dit-step-factors=2", "-p", "no:cacheprovider"]
-NO_BASELINES = ["--dit-cv-bounds=0,1", "--dit-min-shape-correlation=-1"]  # bounds without baseline files
+NO_BASELINES = ["--dit-cv-bounds=0,1", "--dit-min-shape-correlation=-1", "--dit-enforce-claims"]  # claims alone judge: no baseline files
 #: the suites the distributed tests run: two profiles per model (6 and 12 steps), no baseline files needed
 QUICK_SUITES = ["suites/test_prompt_stability.py", "suites/test_step_stability.py"]
 #: run settings that differ between runs of the same tests (how and where they were started)

@@ -23,25 +23,32 @@ from typing import Any
 
 import pytest
 
+from ..baselines import BaselineError
 from ..checks import SuiteCheck
 from ..session import BASELINE_USED_KEY, DitSession
 from ..zoo.registry import ModelSpec
 from .apply import CacheBatchError, UnsupportedStrategy, attention_modules
 from .config import cache_options
 from .diffusers_cache import strategy_failure
-from .measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, run_once, skipped_fractions, speedup, \
-    time_interleaved
-from .quality import PSNR_CAP, QualityDependencyError, latent_mse, psnr, require_scikit_image, spearman, ssim
+from .measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, premise_test, run_once, skipped_fractions, \
+    speedup, time_interleaved
+from .quality import PSNR_CAP, QualityDependencyError, latent_mse, nonfinite_share, psnr, require_scikit_image, \
+    spearman, ssim
 from .schedule import CacheSchedule, ScheduleError, schedule_from_profile
 from .spec import CacheSpec
 
 SUITE = "cache_gate"
 #: Half-widths of stored bounds per device class. CPU runs repeat to ~1e-6; on GPUs a cache's skip decisions
 #: (FBCache's threshold test) can flip with kernel noise, so skipped fractions move by whole steps.
+#: latent MSE is held within a relative band (CPU runs repeat it to ~1e-6; GPU kernels move it by up to 2x).
 TOLERANCES: dict[str, dict[str, float]] = {
-    "cpu": {"psnr_db": 0.5, "psnr_relative": 0.01, "skipped": 0.02, "spearman": 0.2},
-    "cuda": {"psnr_db": 3.0, "psnr_relative": 0.05, "skipped": 0.1, "spearman": 0.4},
+    "cpu": {"psnr_db": 0.5, "psnr_relative": 0.01, "skipped": 0.02, "spearman": 0.2, "mse_relative": 0.05,
+            "mse_absolute": 1e-12},
+    "cuda": {"psnr_db": 3.0, "psnr_relative": 0.05, "skipped": 0.1, "spearman": 0.4, "mse_relative": 1.0,
+             "mse_absolute": 1e-9},
 }
+#: single-cell probes of the premise test (skip one layer at one step, measure the error it causes)
+PREMISE_CELLS = 12
 
 
 def _fmt(value: float | None) -> str:
@@ -98,6 +105,7 @@ class CacheCheck:
             elif stored and stored.get("schedule") and not self.session.config.update_baselines:
                 schedule = CacheSchedule.from_dict(stored["schedule"], source=f"baseline of {self.spec.name}")
                 schedule.source = "baseline"
+                self._check_replayed(schedule)
             else:
                 schedule = schedule_from_profile(self.session.profile(self.spec), model=self.spec.name,
                                                  budget=self.strategy.get("budget"),
@@ -109,6 +117,16 @@ class CacheCheck:
         else:
             return schedule
         pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {problem}", pytrace=False)
+
+    def _check_replayed(self, schedule: CacheSchedule) -> None:
+        """A stored schedule is replayed only for the spec that made it (same budget / threshold)."""
+        for name in ("budget", "threshold"):
+            wanted, stored = self.strategy.get(name), getattr(schedule, name)
+            if wanted != stored:
+                raise ScheduleError(
+                    f"the baseline's schedule was derived with {name}={stored}, but the strategy asks for "
+                    f"{name}={wanted}; replaying it would gate another schedule. Update the baseline:\n    "
+                    f"{self._update_command()}")
 
     def context(self, plan: RunPlan):
         if self.strategy.strategy != "magcache" or self.strategy.get("mag_ratios", "calibrate") != "calibrate":
@@ -141,7 +159,11 @@ class CacheCheck:
             context = self.context(plan)
             cached = run_once(plan, self.strategy, schedule=schedule, context=context, count=True)
         except UnsupportedStrategy as exc:
-            outcome, message = pytest.skip, f"{self.strategy} on {self.spec.name}: {exc}"
+            if stored:  # the baseline holds an entry: it ran when the baseline was recorded
+                outcome, message = pytest.fail, (f"{self.strategy} on {self.spec.name} no longer runs ({exc}), but its "
+                                                 "baseline holds an entry for it")
+            else:
+                outcome, message = pytest.skip, f"{self.strategy} on {self.spec.name}: {exc}"
         except CacheBatchError as exc:
             outcome, message = pytest.fail, str(exc)
         except Exception as exc:
@@ -156,11 +178,21 @@ class CacheCheck:
             pytest.skip(message)
         if outcome is pytest.fail:
             pytest.fail(message, pytrace=False)
+        self._require_finite(reference, cached)
         fallback = self.options.min_psnr is not None or self.options.min_skipped is not None
         if not self.session.config.update_baselines and stored is None and not fallback:
             self._missing()  # after the support check (unsupported skips), before timing and the sweep
         result = self.measure(plan, reference, cached, schedule, context)
         return self.judge(result, stored, schedule)
+
+    def _require_finite(self, reference: RunResult, cached: RunResult) -> None:
+        for label, run in (("uncached", reference), (f"cached ({self.strategy})", cached)):
+            for what, values in (("decoded output", run.images), ("final latents", run.latents)):
+                share = nonfinite_share(values)
+                if share:
+                    pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: the {label} run's {what} are "
+                                f"non-finite ({share:.1%} NaN/inf); nothing can be judged or stored from it",
+                                pytrace=False)
 
     def measure(self, plan: RunPlan, reference: RunResult, cached: RunResult, schedule: CacheSchedule | None,
                 context: Any) -> dict[str, Any]:
@@ -172,29 +204,45 @@ class CacheCheck:
             "latent_mse": latent_mse(reference.latents, cached.latents),
             "skipped": skipped_fractions(reference, cached), "speedup": speedup(uncached_s, cached_s),
             "seconds": {"uncached": uncached_s, "cached": cached_s}, "strategy_counters": cached.strategy,
-            "sweep": None, "spearman": None,
+            "sweep": None, "premise": None, "spearman": None,
         }
         if schedule is not None and schedule.costs is not None:
-            result["sweep"], result["spearman"] = self.sweep(plan, schedule, reference)
+            result["sweep"] = self.sweep(plan, schedule, reference)
+            result["premise"], result["spearman"] = self.premise(plan, schedule, reference)
         return result
 
-    def sweep(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> tuple[list[dict], float | None]:
+    def _memo_key(self, what: str, schedule: CacheSchedule, *extra: Any) -> tuple:
         digest = hashlib.sha256(json.dumps(schedule.costs).encode()).hexdigest()[:12]
-        key = ("sweep", self.spec.name, self.suite.key, digest, self.options.budgets)
-        memo = _state(self.session)
+        return (what, self.spec.name, self.suite.key, digest, *extra)
+
+    def sweep(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> list[dict]:
+        """Budget sweep (cheapest-first and costliest-first) for the report's quality/skip frontier."""
+        key, memo = self._memo_key("sweep", schedule, self.options.budgets), _state(self.session)
         if key not in memo:
-            points = budget_sweep(plan, schedule, self.options.budgets, reference)
+            memo[key] = [p.__dict__ for p in budget_sweep(plan, schedule, self.options.budgets, reference)]
+        return memo[key]
+
+    def premise(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> tuple[list[dict], float | None]:
+        """Single-cell probes and the Spearman correlation of profile cost with measured error."""
+        key, memo = self._memo_key("premise", schedule, PREMISE_CELLS), _state(self.session)
+        if key not in memo:
+            points = premise_test(plan, schedule, reference, PREMISE_CELLS)
             value = spearman([p.predicted_error for p in points], [p.measured_error for p in points])
             memo[key] = ([p.__dict__ for p in points], value)
         return memo[key]
 
     def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None) -> dict[str, Any]:
         tol = _tolerance(self.session.device_class)
-        values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"]}
+        values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"],
+                  "latent_mse": result["latent_mse"]}
+        if self.strategy.strategy != "none" and values["skipped"] <= 0.0:
+            pytest.fail(f"cache gate {self.strategy} on {self.spec.name} skipped no attention compute: it would only "
+                        "gate a cache that does nothing. Choose settings under which it skips (e.g. a higher "
+                        "fbcache:threshold=...), or deselect it for this model", pytrace=False)
         update = self.session.config.update_baselines
         if update:
             bounds = self._new_bounds(values, tol)
-            entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": result["latent_mse"],
+            entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": values["latent_mse"],
                      "skipped_attention": values["skipped"], "skipped_transformer": result["skipped"]["transformer"],
                      "speedup": result["speedup"], "spearman": values["spearman"], "bounds": bounds}
             if schedule is not None:
@@ -221,15 +269,17 @@ class CacheCheck:
 
     def _missing(self) -> None:
         pytest.fail(f"no cache_gate baseline for {self.spec.name} with {self.strategy} (settings {self.suite.key}) in "
-                    f"{self.session.store.path_for(self.spec.name, self.suite.key)}.\nCreate it with:\n    "
+                    f"{self.session.store.path_for(self.suite.baseline_name, self.suite.key)}.\nCreate it with:\n    "
                     f"{self._update_command()}", pytrace=False)
 
     @staticmethod
     def _new_bounds(values: dict[str, Any], tol: dict[str, float]) -> dict[str, list]:
-        p, s = values["psnr"], values["skipped"]
+        p, s, mse = values["psnr"], values["skipped"], values["latent_mse"]
         half = max(tol["psnr_db"], tol["psnr_relative"] * p)
+        spread = tol["mse_relative"] * mse + tol["mse_absolute"]
         bounds = {"psnr": [max(0.0, p - half), min(PSNR_CAP, p + half)],
-                  "skipped": [max(0.0, s - tol["skipped"]), min(1.0, s + tol["skipped"])]}
+                  "skipped": [max(0.0, s - tol["skipped"]), min(1.0, s + tol["skipped"])],
+                  "latent_mse": [max(0.0, mse - spread), mse + spread]}
         if values["spearman"] is not None:
             bounds["spearman"] = [max(-1.0, values["spearman"] - tol["spearman"]), None]
         return bounds
@@ -237,14 +287,23 @@ class CacheCheck:
     def _failures(self, values: dict[str, Any], bounds: dict[str, list], stored: dict | None) -> list[str]:
         labels = {"psnr": ("PSNR", "dB", "output quality regressed"),
                   "skipped": ("attention compute skipped", "", "the cache skips less: it got slower"),
-                  "spearman": ("Spearman(predicted, measured error)", "", "the profile no longer predicts the error")}
+                  "spearman": ("Spearman(predicted, measured error)", "", "the profile no longer predicts the error"),
+                  "latent_mse": ("latent MSE", "", "the final latents moved less than before: the cache changed")}
         stored_values = {"psnr": (stored or {}).get("psnr"), "skipped": (stored or {}).get("skipped_attention"),
-                         "spearman": (stored or {}).get("spearman")}
+                         "spearman": (stored or {}).get("spearman"), "latent_mse": (stored or {}).get("latent_mse")}
         failures = []
         for name, (label, unit, below) in labels.items():
             lo, hi = (list(bounds.get(name) or []) + [None, None])[:2]
             value = values[name]
-            if value is None or (lo is None and hi is None):
+            if lo is None and hi is None:
+                continue
+            if value is None or not math.isfinite(value):
+                failures.append(f"  {label} could not be measured ({_fmt(value)}) but the baseline bounds it "
+                                f"[{_fmt(lo)}, {_fmt(hi)}]")
+                continue
+            if name == "latent_mse" and hi is not None and value > hi + 1e-15:
+                failures.append(f"  {label} {_fmt(value)} above its bound {_fmt(hi)} (baseline "
+                                f"{_fmt(stored_values[name])}): output quality regressed")
                 continue
             was = f" (baseline {_fmt(stored_values[name])})" if stored_values[name] is not None else ""
             if lo is not None and value < lo - 1e-9:
@@ -256,9 +315,12 @@ class CacheCheck:
 
     def _store(self, entry: dict[str, Any]) -> None:
         settings = self.suite.settings
-        path = self.session.store.update(
-            self.spec.name, self.suite.key, sections={f"suites.{SUITE}": {self.strategy.text: entry}}, merge=True,
-            metadata=self.session.baseline_metadata(self.session.profile(self.spec), settings))
+        try:
+            path = self.session.store.update(
+                self.suite.baseline_name, self.suite.key, sections={f"suites.{SUITE}": {self.strategy.text: entry}},
+                merge=True, metadata=self.session.baseline_metadata(self.suite.profile(), settings))
+        except BaselineError as exc:
+            pytest.fail(str(exc), pytrace=False)
         self.item.user_properties.append((BASELINE_USED_KEY, str(path)))
 
     def _record(self, result: dict[str, Any], values: dict[str, Any], bounds: dict[str, list],
@@ -269,7 +331,8 @@ class CacheCheck:
             "psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": result["latent_mse"],
             "speedup": result["speedup"], "seconds": result["seconds"], "skipped": result["skipped"],
             "skipped_bounds": bounds.get("skipped"), "spearman": values["spearman"],
-            "spearman_bounds": bounds.get("spearman"), "sweep": result["sweep"],
+            "spearman_bounds": bounds.get("spearman"), "latent_mse_bounds": bounds.get("latent_mse"),
+            "sweep": result["sweep"], "premise": result["premise"],
             "strategy_counters": result["strategy_counters"], "psnr_cap": PSNR_CAP,
             "schedule": None if schedule is None else {
                 "layers": list(schedule.layers), "steps": schedule.steps, "mask": schedule.mask,

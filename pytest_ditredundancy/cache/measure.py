@@ -25,7 +25,7 @@ from ..zoo.registry import ModelSpec
 from .apply import applied, attention_modules, first_tensor
 from .diffusers_cache import StrategyContext
 from .quality import as_images, latent_mse
-from .schedule import CacheSchedule, with_budget
+from .schedule import CacheSchedule, probe_cells, single_cell, with_budget
 from .spec import CacheSpec
 from .undo import Reversible
 
@@ -197,5 +197,33 @@ def budget_sweep(plan: RunPlan, schedule: CacheSchedule, budgets: Sequence[float
             result = run_once(plan, spec, schedule=variant)
             points.append(SweepPoint(budget, order, variant.skipped_fraction, variant.predicted_error,
                                      latent_mse(reference.latents, result.latents)))
+    return points
+
+
+@dataclass
+class PremisePoint:
+    """One probe of the premise test: a single skipped cell, its profile cost and the error it caused."""
+
+    layer: str
+    step: int
+    predicted_error: float
+    measured_error: float
+
+
+def premise_test(plan: RunPlan, schedule: CacheSchedule, reference: RunResult, cells: int = 12) -> list[PremisePoint]:
+    """Skip one (layer, step) cell at a time, for ``cells`` cells spread over the profile's cost ranking, and
+    measure each one's error (MSE of the final latents against the uncached run).
+
+    The rank correlation of cost and error across these probes tests the premise of profile-guided caching
+    (the cheaper the cell in the profile, the smaller the error of reusing it) without the bias of nested
+    budgets, which correlate with the error through their size alone: a profile whose costs were shuffled
+    scores about 0 here (``tests/test_cache_gate.py``)."""
+    spec = CacheSpec("profile", {}, "profile")
+    points = []
+    for layer, step in probe_cells(schedule, cells):
+        probe = single_cell(schedule, (layer, step))
+        result = run_once(plan, spec, schedule=probe)
+        points.append(PremisePoint(schedule.layers[layer], step, probe.predicted_error,
+                                   latent_mse(reference.latents, result.latents)))
     return points
 

@@ -47,17 +47,20 @@ def as_images(output: Any) -> np.ndarray:
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean PSNR over images (data range 1), each capped at :data:`PSNR_CAP` dB."""
+    """Mean PSNR over images (data range 1), each capped at :data:`PSNR_CAP` dB; NaN when either side holds a
+    non-finite value (a gate must fail such output, not read it as identical)."""
     metrics = require_scikit_image()
     ref, out = as_images(reference), as_images(test)
     _same_shape(ref, out)
+    if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+        return float("nan")  # NaN/inf output is a failure, never a perfect match
     values = []
     for a, b in zip(ref, out):
         if np.array_equal(a, b):
             values.append(PSNR_CAP)
             continue
         value = float(metrics.peak_signal_noise_ratio(a, b, data_range=1.0))
-        values.append(min(value, PSNR_CAP) if math.isfinite(value) else PSNR_CAP)
+        values.append(min(value, PSNR_CAP))  # finite inputs that differ: a finite PSNR
     return float(np.mean(values))
 
 
@@ -76,7 +79,7 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def latent_mse(reference: Any, test: Any) -> float:
-    """Mean squared difference of the final latents (float64)."""
+    """Mean squared difference of the final latents (float64); NaN when either side is non-finite."""
     a = np.asarray(reference.detach().cpu().double() if hasattr(reference, "detach") else reference, dtype=np.float64)
     b = np.asarray(test.detach().cpu().double() if hasattr(test, "detach") else test, dtype=np.float64)
     _same_shape(a, b)
@@ -99,3 +102,10 @@ def spearman(predicted: Sequence[float], measured: Sequence[float]) -> float | N
 def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
         raise ValueError(f"outputs differ in shape: {a.shape} vs {b.shape}")
+
+
+def nonfinite_share(values: Any) -> float:
+    """Fraction of non-finite entries of an array or tensor (0.0 for clean output)."""
+    array = np.asarray(values.detach().float().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64)
+    return float((~np.isfinite(array)).mean()) if array.size else 0.0
+

@@ -220,3 +220,31 @@ def with_budget(schedule: CacheSchedule, budget: float, order: str = "cheapest")
         raise ScheduleError("this schedule carries no costs, so it cannot be re-derived for another budget")
     return schedule_from_costs(costs, schedule.layers, model=schedule.model, budget=budget, source=schedule.source,
                                order=order)
+
+
+def probe_cells(schedule: CacheSchedule, count: int) -> list[tuple[int, int]]:
+    """``count`` skippable cells spread evenly over the cost ranking, cheapest to costliest (deterministic).
+
+    The premise test skips each alone and compares its cost with the error it causes. Spreading the probes
+    over the whole ranking (not only the cheap cells a budget would pick) gives the rank correlation its
+    full range; a profile whose costs carry no information about the errors then scores about 0."""
+    costs = schedule.cost_array()
+    if costs is None:
+        raise ScheduleError("this schedule carries no costs, so there is nothing to test the premise with")
+    if count < 3:
+        raise ScheduleError(f"the premise test needs at least 3 probe cells, got {count}")
+    ranked = skip_order(costs)
+    if len(ranked) <= count:
+        return ranked
+    picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, count)).astype(int))
+    return [ranked[i] for i in picks]
+
+
+def single_cell(schedule: CacheSchedule, cell: tuple[int, int]) -> CacheSchedule:
+    """A schedule that skips only ``cell`` (layer, step), with that cell's cost as its predicted error."""
+    costs = schedule.cost_array()
+    mask = np.zeros((len(schedule.layers), schedule.steps), dtype=bool)
+    mask[cell] = True
+    return CacheSchedule(model=schedule.model, layers=list(schedule.layers), steps=schedule.steps, mask=mask.tolist(),
+                         predicted_error=predicted_error(costs, mask), costs=schedule.costs, source=schedule.source)
+

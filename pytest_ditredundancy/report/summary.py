@@ -56,7 +56,7 @@ def variant_label(settings: RunSettings, default: RunSettings) -> str:
 
 def profile_summary(profile: RedundancyProfile, *, model: str, family: str, in_paper: bool, settings: RunSettings,
                     settings_key: str, default: RunSettings, baseline: Baseline | None = None,
-                    device_class: str | None = None) -> dict[str, Any]:
+                    device_class: str | None = None, tolerance_level: str = "default") -> dict[str, Any]:
     """The report's view of one profile (see the module docstring)."""
     branch = profile.default_branch
     b = profile.branches.index(branch)
@@ -86,11 +86,12 @@ def profile_summary(profile: RedundancyProfile, *, model: str, family: str, in_p
         if is_default:
             summary["matrices"][metric] = {kind: rounded(mean[k]) for k, kind in enumerate(profile.kinds)}
     if is_default and baseline is not None:
-        summary["baseline"] = baseline_diff(profile, baseline, device_class or "cpu")
+        summary["baseline"] = baseline_diff(profile, baseline, device_class or "cpu", tolerance_level)
     return summary
 
 
-def baseline_diff(profile: RedundancyProfile, baseline: Baseline, device_class: str) -> dict[str, Any]:
+def baseline_diff(profile: RedundancyProfile, baseline: Baseline, device_class: str,
+                  tolerance_level: str = "default") -> dict[str, Any]:
     """Per cell |now − baseline| / tolerance (the regression suite's own tolerance), and the cells beyond 1."""
     out: dict[str, Any] = {"file": baseline.path.name}
     if baseline.profile is None:
@@ -103,7 +104,7 @@ def baseline_diff(profile: RedundancyProfile, baseline: Baseline, device_class: 
         return {**out, "error": f"layout differs from the baseline ({len(layers)} layers × {base_mean.shape[-1]} "
                                 f"step pairs there, {len(profile.layers)} × {profile.num_step_pairs} now)"}
     current = profile.mean_over_prompts(metric)[profile.branches.index(branch)][[profile.kinds.index(k) for k in kinds]]
-    tolerance = baseline.tolerances(device_class)
+    tolerance = baseline.tolerance(tolerance_level, device_class).cells()
     drifts = stats.compare_to_baseline(current, base_mean, base_spread, kinds=kinds, layers=layers, **tolerance)
     tol = (tolerance["spread_factor"] * np.nan_to_num(base_spread, nan=0.0, posinf=0.0)
            + tolerance["relative_floor"] * np.nan_to_num(np.abs(base_mean), nan=0.0, posinf=0.0)
