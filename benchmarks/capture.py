@@ -62,21 +62,29 @@ def one_step_captured(cap) -> tuple[int, int]:
 
 
 # -- the five measurements -----------------------------------------------------------------------------------
+#: The two ways the capture reduces a step, timed side by side (see pytest_ditredundancy.fused_stats).
+PATHS = ("eager", "fused")
+
+
 def measure_overhead_and_reference(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
     prompts = PROMPTS[:1]
-    times: dict[str, list[float]] = {"plain": [], "ours": [], "reference": []}
-    cpu: dict[str, list[float]] = {"plain": [], "ours": [], "reference": []}
+    modes_order = ["plain", *PATHS, "reference"]
+    times: dict[str, list[float]] = {m: [] for m in modes_order}
+    cpu: dict[str, list[float]] = {m: [] for m in modes_order}
     last: dict[str, Any] = {}
 
     def plain():
         return pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
 
-    def ours():
-        with capture(pipe, cfg) as cap:
-            out = pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
-        last["held"] = cap.held_bytes()
-        last["one_step"] = one_step_captured(cap)
-        return out, cap.profile()
+    def ours(path: str):
+        def run():
+            with capture(pipe, cfg, stats=path) as cap:
+                out = pipe(**call_kwargs(cfg, prompts, cfg.steps))[0]
+            last[f"held_{path}"] = cap.held_bytes()
+            last["one_step"] = one_step_captured(cap)
+            last[f"stats_{path}"] = cap.step_statistics.summary()
+            return out, cap.profile()
+        return run
 
     def reference():
         with ReferenceCapture(pipe.transformer) as ref:
@@ -84,10 +92,10 @@ def measure_overhead_and_reference(pipe, cfg: Config, device: torch.device, log)
             last["reference_held"] = ref.held_bytes()
         return out, ref.deltas
 
-    modes = {"plain": plain, "ours": ours, "reference": reference}
-    order = list(modes)
+    modes = {"plain": plain, **{path: ours(path) for path in PATHS}, "reference": reference}
     for round_ in range(cfg.repeats):
-        for name in order[round_ % 3:] + order[: round_ % 3]:  # rotate who goes first
+        shift = round_ % len(modes_order)
+        for name in modes_order[shift:] + modes_order[:shift]:  # rotate who goes first
             seconds, result = timed(device, modes[name], cpu[name])
             times[name].append(seconds)
             last[name] = result
@@ -95,23 +103,34 @@ def measure_overhead_and_reference(pipe, cfg: Config, device: torch.device, log)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    paired = statistics.median(o / p for o, p in zip(times["ours"], times["plain"]))
-    added = {k: med[k] - med["plain"] for k in ("ours", "reference")}
     plain_out = last["plain"]
-    ours_out, profile = last["ours"]
     ref_out, deltas = last["reference"]
-    agreement = compare_with_reference(profile, deltas)
+    per_path = {}
+    for path in PATHS:
+        out, profile = last[path]
+        added = med[path] - med["plain"]
+        added_ref = med["reference"] - med["plain"]
+        per_path[path] = {
+            "overhead": med[path] / med["plain"],
+            "overhead_paired_median": statistics.median(o / p for o, p in zip(times[path], times["plain"])),
+            "overhead_min": min(times[path]) / min(times["plain"]),
+            "overhead_cpu_time": cpu_med[path] / cpu_med["plain"],
+            "ours_vs_reference": med[path] / med["reference"],
+            "ours_vs_reference_paired_median": statistics.median(
+                o / r for o, r in zip(times[path], times["reference"])),
+            "added_seconds": added, "added_vs_reference": added / added_ref if added_ref > 0 else float("inf"),
+            "agreement": compare_with_reference(profile, deltas), "stats": last[f"stats_{path}"],
+            "held": last[f"held_{path}"], "output_identical": bool(torch.equal(plain_out, out)),
+        }
+    fused_vs_eager = statistics.median(f / e for f, e in zip(times["fused"], times["eager"]))
     return {
-        "seconds": times, "median_seconds": med, "overhead": med["ours"] / med["plain"],
-        "overhead_paired_median": paired, "reference_overhead": med["reference"] / med["plain"],
-        "ours_vs_reference": med["ours"] / med["reference"], "agreement": agreement,
-        "cpu_seconds": cpu, "median_cpu_seconds": cpu_med, "overhead_cpu_time": cpu_med["ours"] / cpu_med["plain"],
+        "seconds": times, "median_seconds": med, "cpu_seconds": cpu, "median_cpu_seconds": cpu_med,
+        "paths": per_path, "fused_vs_eager_paired_median": fused_vs_eager,
+        "reference_overhead": med["reference"] / med["plain"],
         "reference_overhead_cpu_time": cpu_med["reference"] / cpu_med["plain"],
-        "added_seconds": added, "overhead_min": min(times["ours"]) / min(times["plain"]),
-        "ours_vs_reference_min": min(times["ours"]) / min(times["reference"]),
-        "added_vs_reference": added["ours"] / added["reference"] if added["reference"] > 0 else float("inf"),
-        "outputs_identical": bool(torch.equal(plain_out, ours_out) and torch.equal(plain_out, ref_out)),
-        "held": last["held"], "reference_held": last["reference_held"], "one_step": last["one_step"],
+        "outputs_identical": bool(all(p["output_identical"] for p in per_path.values())
+                                  and torch.equal(plain_out, ref_out)),
+        "reference_held": last["reference_held"], "one_step": last["one_step"],
     }
 
 
@@ -254,6 +273,8 @@ def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
                 torch.cuda.set_sync_debug_mode(previous)
         return wrapper
 
+    with capture(pipe, cfg):  # compile this call's kernels first: compilation may sync, steady state must not
+        pipe(**call_kwargs(cfg, PROMPTS[:2], 4))
     for name in ("_record", "_on_transformer_call", "_after_step", "_on_set_timesteps", "_on_check_inputs"):
         setattr(cap, name, strict(getattr(cap, name)))
     try:
@@ -292,18 +313,25 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
     target = TARGETS["overhead_cuda" if device.type == "cuda" else "overhead_cpu"]
     own = ""
     if "record_cpu_seconds_per_step" in mem:
-        plain_cpu_step = ov["median_cpu_seconds"]["plain"] / cfg.steps
+        plain_cpu_step = ov["median_cpu_seconds"]["plain"] / cfg.steps  # the memory runs use the default path
         own = (f"; capture's own CPU {mem['record_cpu_seconds_per_step'] * 1e3:.1f} ms/step = "
                f"{mem['record_cpu_seconds_per_step'] / plain_cpu_step:.1%} of a plain step")
-    rows = [
-        {"measure": "capture overhead (captured / plain wall time)",
-         "value": f"{ov['overhead']:.3f}",
-         "target": f"<= {target}",
-         "note": f"limit (FLOPs) {lim['flop_limit']:.4f}; read-twice at {lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
-                 f"{lim['bandwidth_limit']:.4f}; paired median {ov['overhead_paired_median']:.3f}, "
-                 f"CPU time {ov['overhead_cpu_time']:.3f}{own}",
-         "pass": ov["overhead"] <= target},
-    ]
+    rows = []
+    for path in PATHS:
+        po = ov["paths"][path]
+        st = po["stats"]
+        how = f"{st['path']} ({st['kernel']})" if st["fused_calls"] else "eager"
+        if st["fallback"]:
+            how += f", fell back: {st['fallback']}"
+        rows.append({
+            "measure": f"capture overhead, {path} (captured / plain wall time)",
+            "value": f"{po['overhead']:.3f}", "target": f"<= {target}",
+            "note": f"ran: {how}, {st['fused_calls']} fused / {st['eager_calls']} eager reductions per run; paired "
+                    f"median {po['overhead_paired_median']:.3f}, CPU time {po['overhead_cpu_time']:.3f}"
+                    + (f"; limits: FLOPs {lim['flop_limit']:.4f}, read-twice at "
+                       f"{lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s {lim['bandwidth_limit']:.4f}{own}"
+                       if path == "eager" else f"; fused/eager paired median {ov['fused_vs_eager_paired_median']:.3f}"),
+            "pass": po["overhead"] <= target})
     unit = "CUDA extra peak" if mem["measure"] == "extra_peak" else "extra (held + transient)"
     sizes = ", ".join(f"{s}: {r[mem['measure']] / 2**20:.2f}" for s, r in mem["rows"].items())
     rows.append({"measure": f"memory {unit} MiB at {'/'.join(map(str, cfg.memory_steps))} steps", "value": sizes,
@@ -317,14 +345,16 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
                          f"{bat['prompts_per_second']['captured_single']:.2f} prompts/s at {bat['steps']} steps; "
                          f"without capture {bat['plain_speedup']:.2f}x",
                  "pass": bat["speedup"] >= batching_target if batching_target else None})
-    agree = ov["agreement"]
-    rows.append({"measure": "vs reference (DiTCacheAnalysis-style .item() per tensor)",
-                 "value": f"{ov['ours_vs_reference']:.3f}x its time", "target": f"<= {TARGETS['vs_reference']}",
-                 "note": f"reference overhead {ov['reference_overhead']:.3f} (ours {ov['overhead']:.3f}); added time "
-                         f"ours/its {ov['added_vs_reference']:.2f}; abs_l1 max rel diff "
-                         f"{agree['max_rel_diff']:.1e} over {agree['series_compared']} series; outputs identical: "
-                         f"{ov['outputs_identical']}",
-                 "pass": ov["ours_vs_reference"] <= TARGETS["vs_reference"] and agree["ok"]})
+    for path in PATHS:
+        po = ov["paths"][path]
+        agree = po["agreement"]
+        rows.append({"measure": f"vs reference, {path} (DiTCacheAnalysis-style .item() per tensor)",
+                     "value": f"{po['ours_vs_reference']:.3f}x its time", "target": f"<= {TARGETS['vs_reference']}",
+                     "note": f"reference overhead {ov['reference_overhead']:.3f} (ours {po['overhead']:.3f}); paired "
+                             f"median {po['ours_vs_reference_paired_median']:.3f}; added time ours/its "
+                             f"{po['added_vs_reference']:.2f}; abs_l1 max rel diff {agree['max_rel_diff']:.1e} over "
+                             f"{agree['series_compared']} series; outputs identical: {ov['outputs_identical']}",
+                     "pass": po["ours_vs_reference"] <= TARGETS["vs_reference"] and agree["ok"]})
     rows.append({"measure": "no host sync in the denoising loop (CUDA)", "value": sync["status"],
                  "target": "no sync", "note": "", "pass": sync["ok"]})
     return rows
@@ -411,13 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     pipe = build_pipeline(cfg, device)
     # Pipelines run under no_grad, not inference_mode: under inference_mode the capture must copy every tensor.
     pipe(**call_kwargs(cfg, PROMPTS[:1], 2))  # warm up kernels and allocator in every mode
-    with capture(pipe, cfg):
-        pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
+    compile_seconds = {}
+    for path in PATHS:  # the fused path compiles its kernels here, once per process: timed, not in the runs
+        with capture(pipe, cfg, stats=path) as cap:
+            pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
+        compile_seconds[path] = cap.step_statistics.compile_seconds
+    log(f"  fused kernels compiled in {compile_seconds['fused']:.1f} s")
     with ReferenceCapture(pipe.transformer):
         pipe(**call_kwargs(cfg, PROMPTS[:1], 2))
     results: dict[str, Any] = {}
     log(f"1+4. overhead and reference: {cfg.repeats} interleaved rounds of {cfg.steps} steps")
     results["overhead"] = measure_overhead_and_reference(pipe, cfg, device, log)
+    results["overhead"]["compile_seconds"] = compile_seconds
     results["limits"] = limits(pipe, cfg, device, results["overhead"])
     log("2. memory")
     results["memory"] = measure_memory(pipe, cfg, device, log)

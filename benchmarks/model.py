@@ -106,9 +106,11 @@ def call_kwargs(cfg: Config, prompts: list[str], steps: int, seed: int = 0, **ex
                 generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))], **extra)
 
 
-def capture(pipe, cfg: Config):
-    """Our capture. PixArt's pipeline does not expose whether guidance is on, so the layout is given."""
-    return capture_redundancy(pipe, branch_layout="batched-uncond-cond" if cfg.guidance_scale > 1 else "single")
+def capture(pipe, cfg: Config, stats: str | None = None):
+    """Our capture (``stats``: fused/eager/auto step statistics). PixArt's pipeline does not expose whether
+    guidance is on, so the layout is given."""
+    return capture_redundancy(pipe, branch_layout="batched-uncond-cond" if cfg.guidance_scale > 1 else "single",
+                              stats=stats)
 
 
 # -- measuring -----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .assemble import RawRun, RawSeries, assemble_profile
-from .metrics import step_stats
+from .fused_stats import StepStatistics, default_mode
 from .profile import RedundancyProfile
 from .sites import DEFAULT_KINDS, CaptureSite, discover_sites, validate_kinds
 
@@ -61,7 +61,8 @@ class RedundancyCapture:
     """Hooks that measure step-to-step redundancy; use through :func:`capture_redundancy`."""
 
     def __init__(self, target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
-                 scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False) -> None:
+                 scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
+                 stats: str | None = None) -> None:
         self.pipeline = None if isinstance(target, nn.Module) else target
         self.transformer: nn.Module = target if isinstance(target, nn.Module) else _transformer_of(target)
         self.scheduler = scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None)
@@ -69,6 +70,7 @@ class RedundancyCapture:
         self.sites = list(sites) if sites is not None else discover_sites(self.transformer, self.kinds)
         self.branch_layout = branch_layout
         self.copy_tensors = copy_tensors
+        self.step_statistics = StepStatistics(stats or default_mode())  # fused kernel or eager: see fused_stats
         self.runs: list[_Run] = [_Run()]
         self.messages: list[str] = []
         self._handles: list[Any] = []
@@ -219,7 +221,7 @@ class RedundancyCapture:
             self._note(f"{self.sites[index].layer}/{self.sites[index].kind} was modified in place after its step; "
                        "that step pair is not measured and the series now keeps copies")
             series.copy, valid = True, False
-        series.stats.append(step_stats(tensor, previous if valid else None, series.rows))
+        series.stats.append(self.step_statistics(tensor, previous if valid else None, series.rows))
         series.steps.append(run.step)
         series.valid.append(valid)
         kept = tensor.detach()
@@ -267,17 +269,22 @@ class RedundancyCapture:
                 position += 1
             raw_runs.append(RawRun(steps=run.step, batch_sizes=dict(run.batch_sizes), series=raw,
                                    timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg))
-        return assemble_profile(raw_runs, self.sites, self.branch_layout, context=self, **metadata)
+        profile = assemble_profile(raw_runs, self.sites, self.branch_layout, context=self, **metadata)
+        profile.metadata.extra = {**profile.metadata.extra, "step_stats": self.step_statistics.summary()}
+        return profile
 
 
 def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
-                       scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False) -> RedundancyCapture:
+                       scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
+                       stats: str | None = None) -> RedundancyCapture:
     """Capture K/V/A redundancy of every pipeline call made inside the ``with`` block.
 
     ``target`` is a diffusers pipeline (its ``transformer`` and ``scheduler`` are used) or a bare
     ``nn.Module`` (then pass ``scheduler`` or call :meth:`RedundancyCapture.end_step` after each step).
     ``kinds`` restricts what is measured (hooks for other kinds are not installed). ``branch_layout`` tells
     how batch rows / calls map to CFG branches (see :data:`pytest_ditredundancy.zoo.BRANCH_LAYOUTS`).
+    ``stats`` picks how each step is reduced: ``auto`` (default, or ``$DITREDUNDANCY_STATS``), ``fused`` or
+    ``eager`` (see :mod:`pytest_ditredundancy.fused_stats`); the profile's ``extra["step_stats"]`` says which ran.
 
     Example::
 
@@ -286,7 +293,7 @@ def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sit
         profile = cap.profile(model="pixart-alpha")
     """
     return RedundancyCapture(target, kinds=kinds, sites=sites, scheduler=scheduler, branch_layout=branch_layout,
-                             copy_tensors=copy_tensors)
+                             copy_tensors=copy_tensors, stats=stats)
 
 
 def _transformer_of(pipeline: Any) -> nn.Module:
