@@ -105,6 +105,10 @@ def _register_builtin() -> None:
         module, function, overrides = TINY_BUILDERS[spec.name]
         overrides = {"steps": 20, **overrides}
         register_model(spec.tiny(_builder(module, function), **overrides))
+    from .trained import trained_specs  # small DiTs trained on procedural shapes, weights in the package
+
+    for spec in trained_specs():
+        register_model(spec)
 
 
 _register_builtin()

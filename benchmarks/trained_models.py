@@ -1,0 +1,119 @@
+"""Evidence and the paper's three experiments on the trained DiTs.
+
+    python -m benchmarks.trained_models [--adherence-samples 120] [--prompts 16] [--figures docs]
+
+Prints, and writes to benchmarks/out/trained_models.json:
+  1. prompt adherence at each model's registered settings (shipped classifier, per attribute);
+  2. CV across prompts per kind, the paper's formula and the robust one (``statistics.prompt_stability``);
+  3. step-count stability (x0.5, x2) and scheduler stability: correlation of mean-normalised per-layer
+     curves over normalised time (``statistics.compare_shapes``, as the suites compute it);
+  4. distinctness between the families, and between trained-pixart and its fine-tuned checkpoint.
+With ``--figures DIR`` it also draws the sample grid and the loss curves the README shows.
+Prompts are the dataset's captions (the models know no other text); prompt i uses seed i.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pytest_ditredundancy import load_model, profile_model
+from pytest_ditredundancy import statistics as stats
+from pytest_ditredundancy.training.adherence import ATTRIBUTES
+from pytest_ditredundancy.training.evaluate import (
+    adherence_of, evaluation_captions, generate, save_grid, save_loss_curves,
+)
+from pytest_ditredundancy.zoo.trained import WEIGHTS
+
+MODELS = ("trained-pixart", "trained-sd3", "trained-pixart-ft")
+SCHEDULERS = {"trained-pixart": ("euler", "ddim"), "trained-pixart-ft": ("euler", "ddim"),
+              "trained-sd3": ("flow-heun", "flow-dpm-solver")}
+KINDS = ("k", "v", "a")
+
+
+def experiments(name: str, prompts: list[str]) -> dict:
+    pipe = load_model(name, device="cpu")
+    base = profile_model(pipe, prompts=prompts, batch_size=16)
+    out = {"prompt_cv": {s.kind: {"paper": s.paper_cv, "robust": s.robust_cv, "ci": [s.ci_low, s.ci_high]}
+                         for s in stats.prompt_stability(base) if s.kind in KINDS}}
+    steps = base.metadata.steps
+    shapes = {}
+    variants = {f"steps x{f:g}": dict(steps=max(2, round(steps * f))) for f in (0.5, 2)}
+    variants |= {f"scheduler {s}": dict(scheduler=s) for s in SCHEDULERS[name]}
+    for label, kwargs in variants.items():
+        other = profile_model(pipe, prompts=prompts, batch_size=16, **kwargs)
+        shapes[label] = {}
+        for kind in KINDS:
+            a, ta = stats.step_curves(base, kind)
+            b, tb = stats.step_curves(other, kind)
+            shapes[label][kind] = stats.compare_shapes(a, ta, b, tb).correlation
+    out["shape_correlation"] = shapes
+    out["signature"] = stats.signature(base)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adherence-samples", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=16, help="captions per profile (paper experiments)")
+    parser.add_argument("--figures", type=Path, default=None, help="write the sample grid and loss curves here")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "trained_models.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.time()
+    report: dict = {"adherence": {}, "experiments": {}, "distinctness": {}}
+    for name in MODELS:
+        result, _ = adherence_of(name, count=args.adherence_samples, seed=0)
+        report["adherence"][name] = result.accuracy | {"shape_and_colour": float(result.all_correct.mean())}
+    prompts = evaluation_captions(args.prompts, seed=7)
+    signatures = {}
+    for name in MODELS:
+        report["experiments"][name] = experiments(name, prompts)
+        signatures[name] = report["experiments"][name].pop("signature")
+    for a, b in (("trained-pixart", "trained-sd3"), ("trained-pixart", "trained-pixart-ft")):
+        d = stats.distinctness(signatures[a], signatures[b])
+        report["distinctness"][f"{a} vs {b}"] = {"between": d.between, "within": max(d.within_a, d.within_b),
+                                                 "ratio": d.ratio}
+    report["seconds"] = round(time.time() - started)
+    report["settings"] = {"adherence_samples": args.adherence_samples, "prompts": args.prompts,
+                          "threads": torch.get_num_threads()}
+    if args.figures is not None:
+        captions = evaluation_captions(8, seed=3)
+        rows = [generate(name, captions, seed=0) for name in ("trained-pixart", "trained-sd3")]
+        save_grid(np.concatenate(rows), args.figures / "trained-samples.png", columns=8, scale=3)
+        save_loss_curves({n: WEIGHTS / n for n in ("vae", "trained-pixart", "trained-sd3", "trained-pixart-ft")},
+                         args.figures / "trained-loss.png")
+        report["grid_captions"] = captions
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    _print(report)
+    return 0
+
+
+def _print(report: dict) -> None:
+    print("prompt adherence (share of samples the classifier reads as captioned)")
+    print(f"  {'model':20}" + "".join(f"{a:>11}" for a in ATTRIBUTES) + f"{'shape+col':>11}")
+    for name, acc in report["adherence"].items():
+        print(f"  {name:20}" + "".join(f"{acc[a]:>11.1%}" for a in ATTRIBUTES) + f"{acc['shape_and_colour']:>11.1%}")
+    print("CV across prompts, paper formula / robust (paper: 10-15%)")
+    for name, exp in report["experiments"].items():
+        cells = "  ".join(f"{k.upper()} {v['paper']:.1%} / {v['robust']:.1%}" for k, v in exp["prompt_cv"].items())
+        print(f"  {name:20} {cells}")
+    print("shape correlation with the default run (1 = same shape)")
+    for name, exp in report["experiments"].items():
+        for label, per_kind in exp["shape_correlation"].items():
+            cells = "  ".join(f"{k.upper()} {v:+.3f}" for k, v in per_kind.items())
+            print(f"  {name:20} {label:24} {cells}")
+    print("distinctness (between / largest within-model spread; > 1 = distinct)")
+    for pair, d in report["distinctness"].items():
+        print(f"  {pair:42} {d['between']:.3f} / {d['within']:.3f} = {d['ratio']:.2f}")
+    print(f"({report['seconds']} s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Train the shipped models: ``python -m pytest_ditredundancy.train NAME [--steps N] [--out DIR]``.
+
+Names, in the order they depend on each other: ``vae`` (shared by the DiTs), ``classifier`` (the adherence
+scorer), ``trained-pixart``, ``trained-sd3``, ``trained-pixart-ft`` (fine-tunes ``trained-pixart``).
+Every run is seeded and single-process; ``--threads`` defaults to 2, the budget the recipes were sized for.
+``--steps`` overrides the recipe's step count (a quick smoke run); ``--out`` writes somewhere else than the
+package's ``weights/`` folder, ``--weights`` reads the runs this one depends on from another folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+NAMES = ("vae", "classifier", "trained-pixart", "trained-sd3", "trained-pixart-ft")
+
+
+def _with_steps(recipe, steps: int | None, batch_size: int | None = None):
+    schedule = recipe.schedule
+    if steps is not None:
+        schedule = replace(schedule, steps=steps, warmup=min(schedule.warmup, max(1, steps // 4)))
+    if batch_size is not None:
+        schedule = replace(schedule, batch_size=batch_size)
+    return replace(recipe, schedule=schedule)
+
+
+def train(name: str, out: Path | None = None, steps: int | None = None, weights: Path = WEIGHTS,
+          batch_size: int | None = None, pool_size: int | None = None) -> dict:
+    """Train ``name`` and save it under ``out`` (default ``weights/<name>``); returns its summary numbers.
+
+    ``steps``, ``batch_size`` and ``pool_size`` (DiTs: how many samples are encoded once) override the
+    recipe, for quick smoke runs; the shipped weights use the recipes as they are.
+    """
+    out = Path(out) if out is not None else weights / name
+    if name == "vae":
+        from .training.vae import VaeRecipe, train_vae
+
+        return train_vae(_with_steps(VaeRecipe(), steps, batch_size), out)
+    if name == "classifier":
+        from .training.classifier import ClassifierRecipe, train_classifier
+
+        return train_classifier(_with_steps(ClassifierRecipe(), steps, batch_size), out)
+    if name in ("trained-pixart", "trained-sd3", "trained-pixart-ft"):
+        from .training.dit import RECIPES, train_dit
+
+        recipe = _with_steps(RECIPES[name], steps, batch_size)
+        if pool_size is not None:
+            recipe = replace(recipe, pool_size=pool_size)
+        return train_dit(recipe, out, weights)
+    raise SystemExit(f"unknown model {name!r}; train one of: {', '.join(NAMES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_ditredundancy.train", description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=NAMES + ("all",), help="what to train ('all': every name, in order)")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's optimisation steps")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: weights/<name>)")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS,
+                        help="folder holding the vae/ and base models this run builds on")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    parser.add_argument("--pool-size", type=int, default=None, help="DiTs: samples encoded once (default 8192)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    for option in ("steps", "batch_size", "pool_size", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.out is not None and args.name == "all":
+        parser.error("--out names one model's folder; with 'all' use --weights")
+    torch.set_num_threads(args.threads)
+    for name in NAMES if args.name == "all" else (args.name,):
+        start = time.time()
+        result = train(name, args.out, args.steps, args.weights, args.batch_size, args.pool_size)
+        print(f"{name}: {result} in {time.time() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

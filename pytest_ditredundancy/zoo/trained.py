@@ -1,0 +1,38 @@
+"""Zoo entries for the small DiTs trained on the procedural shapes data and shipped inside the package.
+
+Unlike the ``tiny-*`` twins they are not built from a seed: their weights are loaded with the pipeline's own
+``from_pretrained`` from ``pytest_ditredundancy/weights/<name>`` (offline). Prompts should be the dataset's
+captions (``pytest_ditredundancy.training.shapes.all_captions()``); anything else is outside what they learnt.
+See README, "Trained models".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .registry import ModelSpec
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+#: PixArt masks caption padding, so its default 120 tokens are fine; caption cleaning needs bs4/ftfy and the
+#: captions are clean already. SD3's joint attention sees every padding token, so it runs with the 16 T5 tokens
+#: it was trained with (its CLIP tokenizers are 16 tokens long by construction).
+_PIXART = {"use_resolution_binning": False, "clean_caption": False}
+_SD3 = {"max_sequence_length": 16}
+
+
+def trained_specs() -> list[ModelSpec]:
+    pixart = dict(family="pixart-alpha", pipeline_class="PixArtAlphaPipeline", steps=20, height=32, width=32,
+                  guidance_scale=4.5, scheduler="dpm-solver", dtype="float32", prediction="epsilon",
+                  branch_layout="batched-uncond-cond", call_kwargs=_PIXART)
+    return [
+        ModelSpec("trained-pixart", checkpoint=str(WEIGHTS / "trained-pixart"), **pixart,
+                  description="PixArt-alpha class trained on procedural shapes (CPU, shipped weights)"),
+        ModelSpec("trained-pixart-ft", checkpoint=str(WEIGHTS / "trained-pixart-ft"), **pixart,
+                  description="trained-pixart fine-tuned on a shifted distribution (white/gray backgrounds, "
+                              "more red)"),
+        ModelSpec("trained-sd3", family="sd3", pipeline_class="StableDiffusion3Pipeline",
+                  checkpoint=str(WEIGHTS / "trained-sd3"), steps=28, height=32, width=32, guidance_scale=7.0,
+                  scheduler="flow-euler", dtype="float32", branch_layout="batched-uncond-cond", call_kwargs=_SD3,
+                  description="SD3 class (MMDiT, flow matching) trained on procedural shapes (CPU, shipped weights)"),
+    ]

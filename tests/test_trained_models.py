@@ -1,0 +1,110 @@
+"""The shipped trained DiTs: offline loading, real ``__call__``, adherence, the fine-tuned checkpoint, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_ditredundancy import load_model
+from pytest_ditredundancy.zoo.trained import WEIGHTS
+
+TRAINED = ("trained-pixart", "trained-sd3", "trained-pixart-ft")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(name, device="cpu")
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_loads_offline_and_runs_its_real_call(name, trained, monkeypatch):
+    from pytest_ditredundancy.training.evaluate import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = trained(name)
+    assert type(pipe).__module__.startswith("diffusers.pipelines")
+    assert pipe.transformer.dtype == torch.float32
+    images = generate(pipe, ["a large red square in the center on a white background"] * 2, seed=0)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, generate(pipe, ["a large red square in the center on a white background"] * 2))
+
+
+@pytest.mark.parametrize("name", ["trained-pixart", "trained-sd3"])
+def test_generated_images_match_their_captions(name, trained):
+    from pytest_ditredundancy.training.evaluate import adherence_of
+
+    result, _ = adherence_of(trained(name), count=24, seed=1000)
+    assert result.accuracy["shape"] >= 0.75 and result.accuracy["colour"] >= 0.75, result.accuracy
+
+
+def test_an_untrained_pipeline_of_the_same_class_fails_the_bar():
+    """The counterpart of the test above: same pipeline class, VAE and settings, random transformer."""
+    from dataclasses import replace
+
+    from pytest_ditredundancy.training.dit import RECIPES, build_pipeline
+    from pytest_ditredundancy.training.evaluate import adherence_of
+    from pytest_ditredundancy.training.vae import load_vae
+    from pytest_ditredundancy.zoo.loading import _SPECS
+    from pytest_ditredundancy.zoo.registry import get_spec
+
+    pipe = build_pipeline(RECIPES["trained-pixart"], load_vae(WEIGHTS / "vae"))
+    _SPECS[pipe] = replace(get_spec("trained-pixart"), name="untrained-pixart")
+    result, _ = adherence_of(pipe, count=24, seed=1000)
+    assert result.accuracy["shape"] < 0.75 or result.accuracy["colour"] < 0.75, result.accuracy
+
+
+def test_fine_tuned_checkpoint_differs_from_its_base(trained):
+    base, tuned = trained("trained-pixart").transformer, trained("trained-pixart-ft").transformer
+    assert base.config == tuned.config
+    base_state, tuned_state = base.state_dict(), tuned.state_dict()
+    changed = [k for k in base_state if not torch.equal(base_state[k], tuned_state[k])]
+    assert len(changed) > len(base_state) // 2
+    record = json.loads((WEIGHTS / "trained-pixart-ft" / "training.json").read_text())
+    assert record["settings"]["base"] == "trained-pixart"
+    for component in ("vae", "text_encoder"):  # only the transformer was trained
+        a, b = getattr(trained("trained-pixart"), component), getattr(trained("trained-pixart-ft"), component)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert total <= 30 * 2 ** 20, f"shipped weights are {total / 2 ** 20:.1f} MB, over the 30 MB budget"
+    assert not list(WEIGHTS.rglob("*.bin")), "weights must be safetensors"
+
+
+def test_training_entry_point_smoke(tmp_path):
+    """Every recipe's code path, with a handful of steps, through the command line."""
+    from pytest_ditredundancy.train import main
+
+    weights = tmp_path / "weights"
+    assert main(["vae", "--steps", "2", "--batch-size", "4", "--weights", str(weights), "--threads", "1"]) == 0
+    assert main(["classifier", "--steps", "2", "--batch-size", "4", "--weights", str(weights)]) == 0
+    for name in ("trained-pixart", "trained-sd3", "trained-pixart-ft"):
+        assert main([name, "--steps", "2", "--batch-size", "4", "--pool-size", "16", "--weights", str(weights)]) == 0
+    record = json.loads((weights / "trained-sd3" / "training.json").read_text())
+    assert record["steps"] == 2 and record["settings"]["family"] == "sd3"
+    pipe = load_model(str(weights / "trained-pixart-ft"), device="cpu")
+    assert type(pipe).__name__ == "PixArtAlphaPipeline"
+
+
+def test_training_rejects_bad_requests(tmp_path, capsys):
+    from pytest_ditredundancy.train import main
+
+    with pytest.raises(SystemExit):
+        main(["trained-flux"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vae", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="train vae"):
+        main(["trained-pixart", "--steps", "1", "--weights", str(tmp_path)])
