@@ -52,11 +52,14 @@ class LossLog:
     settings: dict
     losses: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.time)
-    seconds: float = 0.0
+    started_cpu: float = field(default_factory=time.process_time)
+    seconds: float = 0.0  # wall time; on a shared machine cpu_seconds says more about the recipe's cost
+    cpu_seconds: float = 0.0
 
     def add(self, loss: float, every: int = 50) -> None:
         self.losses.append(float(loss))
         self.seconds = time.time() - self.started
+        self.cpu_seconds = time.process_time() - self.started_cpu
         step = len(self.losses)
         if step % every == 0 or step == self.settings.get("steps"):
             recent = self.losses[-every:]
@@ -76,11 +79,13 @@ class LossLog:
         directory.mkdir(parents=True, exist_ok=True)
         stride = max(1, len(self.losses) // 400)  # a curve, not every step: keeps the file small
         record = {"name": self.name, "settings": self.settings, "seconds": round(self.seconds, 1),
+                  "cpu_seconds": round(self.cpu_seconds, 1),
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": len(self.losses),
                   "final_loss": round(sum(self.losses[-100:]) / max(1, len(self.losses[-100:])), 6),
-                  "loss_curve": [round(v, 6) for v in self.smoothed()[::stride]], "curve_stride": stride,
-                  **(extra or {})}
-        (directory / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+                  "curve_stride": stride, **(extra or {})}
+        curve = json.dumps([round(v, 6) for v in self.smoothed()[::stride]])  # one line: the file stays readable
+        text = json.dumps(record, indent=1)[:-2] + f',\n "loss_curve": {curve}\n}}\n'
+        (directory / "training.json").write_text(text, encoding="utf-8")
 
 
 def run_steps(schedule: Schedule, log: LossLog, parameters: list[torch.nn.Parameter],
