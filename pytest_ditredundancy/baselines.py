@@ -117,7 +117,7 @@ class BaselineStore:
                     "section with --dit-update-baselines and no -k filter") from None
             data.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model,
                          "settings_key": settings_key})
-            data["metadata"] = {**data.get("metadata", {}), **metadata,
+            data["metadata"] = {**data.get("metadata", {}), **plain(metadata, _rounded),
                                 "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
             data.setdefault("tolerances", default_table())
             for name, value in sections.items():
@@ -142,19 +142,13 @@ class BaselineStore:
         return out
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number a baseline may hold")
-
-
 def read_baseline_file(path: Path) -> dict[str, Any]:
     """The parsed, validated document; :class:`BaselineError` naming the file, the spot and the fix."""
     fix = "re-create it with --dit-update-baselines (after checking why it changed)"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        data = json.loads(path.read_text(encoding="utf-8"))  # NaN/Infinity are caught, with their place, below
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BaselineError(f"baseline {path} is corrupt or truncated ({exc}); {fix}") from None
-    except ValueError as exc:  # NaN / Infinity: would disable the comparison it feeds
-        raise BaselineError(f"baseline {path} is not usable: {exc}; {fix}") from None
     except OSError as exc:
         raise BaselineError(f"baseline {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
