@@ -189,12 +189,12 @@ def train_dit(recipe: DitRecipe, out: Path, weights: Path) -> dict:
 #: The shipped recipes. ``trained-pixart-ft`` continues ``trained-pixart`` on a shifted distribution: white
 #: and gray backgrounds only, red shapes three times as often as each other colour.
 RECIPES: dict[str, DitRecipe] = {
-    "trained-pixart": DitRecipe("trained-pixart", "pixart", Schedule(steps=3000, lr=1.5e-3, warmup=150, batch_size=64),
+    "trained-pixart": DitRecipe("trained-pixart", "pixart", Schedule(steps=2400, lr=1e-3, warmup=100, batch_size=32),
                                 heads=4, head_dim=32, layers=4),
-    "trained-sd3": DitRecipe("trained-sd3", "sd3", Schedule(steps=3000, lr=1.5e-3, warmup=150, batch_size=64),
+    "trained-sd3": DitRecipe("trained-sd3", "sd3", Schedule(steps=2000, lr=1e-3, warmup=100, batch_size=32),
                              heads=3, head_dim=32, layers=4),
     "trained-pixart-ft": DitRecipe(
-        "trained-pixart-ft", "pixart", Schedule(steps=600, lr=3e-4, warmup=30, batch_size=64),
+        "trained-pixart-ft", "pixart", Schedule(steps=400, lr=3e-4, warmup=20, batch_size=32),
         heads=4, head_dim=32, layers=4, base="trained-pixart", data_seed=1,
         distribution=Distribution({"background": {"white": 1.0, "gray": 1.0},
                                    "colour": {"red": 3.0, "green": 1.0, "blue": 1.0, "yellow": 1.0}})),

@@ -50,6 +50,7 @@ class ModelSpec:
     build: Callable[[int], Any] | None = None
     in_paper: bool = False
     description: str = ""
+    trained: bool = False  # weights trained on the procedural shapes data, shipped in the package (no tiny twin)
 
     def __post_init__(self) -> None:
         if self.branch_layout not in BRANCH_LAYOUTS:

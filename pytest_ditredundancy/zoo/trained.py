@@ -24,7 +24,7 @@ _SD3 = {"max_sequence_length": 16}
 def trained_specs() -> list[ModelSpec]:
     pixart = dict(family="pixart-alpha", pipeline_class="PixArtAlphaPipeline", steps=20, height=32, width=32,
                   guidance_scale=4.5, scheduler="dpm-solver", dtype="float32", prediction="epsilon",
-                  branch_layout="batched-uncond-cond", call_kwargs=_PIXART)
+                  branch_layout="batched-uncond-cond", call_kwargs=_PIXART, trained=True)
     return [
         ModelSpec("trained-pixart", checkpoint=str(WEIGHTS / "trained-pixart"), **pixart,
                   description="PixArt-alpha class trained on procedural shapes (CPU, shipped weights)"),
@@ -33,6 +33,6 @@ def trained_specs() -> list[ModelSpec]:
                               "more red)"),
         ModelSpec("trained-sd3", family="sd3", pipeline_class="StableDiffusion3Pipeline",
                   checkpoint=str(WEIGHTS / "trained-sd3"), steps=28, height=32, width=32, guidance_scale=7.0,
-                  scheduler="flow-euler", dtype="float32", branch_layout="batched-uncond-cond", call_kwargs=_SD3,
+                  scheduler="flow-euler", dtype="float32", branch_layout="batched-uncond-cond", call_kwargs=_SD3, trained=True,
                   description="SD3 class (MMDiT, flow matching) trained on procedural shapes (CPU, shipped weights)"),
     ]
