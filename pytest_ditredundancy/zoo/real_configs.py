@@ -81,7 +81,7 @@ def shipped_models() -> list[str]:
 def load_real_config(name: str) -> RealConfig:
     """The shipped config of registered model ``name`` (an unknown name fails with the closest names)."""
     spec = get_spec(name)
-    if getattr(spec, "trained", False):
+    if spec.trained:
         raise NoRealConfigError(f"{name!r} is a small model trained and shipped with the package: it runs on the CPU "
                                 "as it is, so there is nothing to plan; plan a registered full-size model instead")
     if spec.is_tiny:
