@@ -46,11 +46,11 @@ def baseline(pytester: pytest.Pytester, model: str) -> tuple[Path, dict]:
 
 def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester):
     setup(pytester)
-    args = ["suites", "--dit-model=tiny-pixart-alpha", "--dit-cache=profile:budget=0.3", "--dit-cache=fbcache", *FAST]
+    args = ["suites", "--dit-model=tiny-pixart-alpha", "--dit-cache=profile:budget=0.3", "--dit-cache=fbcache:threshold=0.2", *FAST]
     pytester.runpytest_subprocess(*args, "--dit-update-baselines").assert_outcomes(passed=6, skipped=1)
     path, data = baseline(pytester, "tiny-pixart-alpha")
     section = data["suites"]["cache_gate"]
-    assert set(section) == {"profile:budget=0.3", "fbcache"}
+    assert set(section) == {"profile:budget=0.3", "fbcache:threshold=0.2"}
     profile = section["profile:budget=0.3"]
     assert profile["bounds"]["psnr"][0] < profile["psnr"] and 0.25 < profile["skipped_attention"] < 0.35
     assert profile["schedule"]["layers"] == ["transformer_blocks.0.attn1", "transformer_blocks.0.attn2",
@@ -68,11 +68,11 @@ def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester
     assert record["skipped"]["attention"] == pytest.approx(profile["skipped_attention"], abs=1e-6)
     assert {p["order"] for p in record["sweep"]} == {"cheapest", "costliest"} and len(record["sweep"]) == 4
     assert record["spearman"] is not None and record["speedup"] > 0 and 0 < record["ssim"] <= 1
-    assert found["fbcache"]["schedule"] is None and found["fbcache"]["sweep"] is None
+    assert found["fbcache:threshold=0.2"]["schedule"] is None and found["fbcache:threshold=0.2"]["sweep"] is None
 
     # the gate is two-sided: worse quality fails, and so does an unexplained jump in skipped compute
     profile["bounds"]["psnr"] = [profile["psnr"] + 5, profile["psnr"] + 10]
-    section["fbcache"]["bounds"]["skipped"] = [0.5, 0.6]
+    section["fbcache:threshold=0.2"]["bounds"]["skipped"] = [0.5, 0.6]
     data["suites"]["cache_gate"]["profile:budget=0.3"]["bounds"]["skipped"] = [0.0, 0.1]
     path.write_text(json.dumps(data))
     result = pytester.runpytest_subprocess(*args, "-k", "cache_gate")
@@ -81,11 +81,11 @@ def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester
     assert "cache gate of tiny-pixart-alpha with profile:budget=0.3 changed" in text
     assert "below its bound" in text and "output quality regressed" in text
     assert "above its bound 0.1" in text and "unexplained jump" in text
-    assert "the cache skips less: it got slower" in text  # fbcache skips 0, below 0.5
-    assert "--dit-cache=profile:budget=0.3,fbcache " in text and "--dit-update-baselines -k cache_gate" in text
+    assert "the cache skips less: it got slower" in text  # fbcache skips 1/3, below 0.5
+    assert "--dit-cache=profile:budget=0.3,fbcache:threshold=0.2 " in text and "--dit-update-baselines -k cache_gate" in text
 
 
-def test_second_model_unsupported_strategy_skips_and_foreign_schedule_is_refused(pytester):
+def test_inert_unsupported_stored_and_foreign_strategies(pytester):
     from pytest_ditredundancy.cache.schedule import CacheSchedule
 
     setup(pytester)
@@ -94,12 +94,26 @@ def test_second_model_unsupported_strategy_skips_and_foreign_schedule_is_refused
     args = ["suites/test_cache_gate.py", "--dit-model=tiny-flux-dev,tiny-sd3-medium",
             "--dit-cache=profile:budget=0.3", "--dit-cache=fbcache", *FAST]
     created = pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-rs")
-    created.assert_outcomes(passed=3, skipped=1)
-    created.stdout.fnmatch_lines(["*fbcache does not support tiny-sd3-medium: TypeError*diffusers/hooks/"
+    # fbcache never fires on tiny Flux at its default threshold: a baseline would gate a cache that does nothing
+    created.assert_outcomes(passed=2, failed=1, skipped=1)
+    created.stdout.fnmatch_lines(["*fbcache on tiny-flux-dev skipped no attention compute*",
+                                  "*fbcache does not support tiny-sd3-medium: TypeError*diffusers/hooks/"
                                   "first_block_cache.py*"])
-    assert set(baseline(pytester, "tiny-flux-dev")[1]["suites"]["cache_gate"]) == {"profile:budget=0.3", "fbcache"}
+    assert set(baseline(pytester, "tiny-flux-dev")[1]["suites"]["cache_gate"]) == {"profile:budget=0.3"}
+
+    # what the baseline holds and the run cannot do fails instead of skipping; a schedule stored for another
+    # budget is not replayed
+    path, data = baseline(pytester, "tiny-sd3-medium")
+    data["suites"]["cache_gate"]["fbcache"] = dict(data["suites"]["cache_gate"]["profile:budget=0.3"], schedule=None)
+    path.write_text(json.dumps(data))
+    path, data = baseline(pytester, "tiny-flux-dev")
+    data["suites"]["cache_gate"]["profile:budget=0.3"]["schedule"]["budget"] = 0.2
+    path.write_text(json.dumps(data))
     compared = pytester.runpytest_subprocess(*args, "--dit-cache=profile:schedule=pixart.json")
-    compared.assert_outcomes(passed=3, skipped=1, failed=2)
+    compared.assert_outcomes(passed=1, failed=5)
+    text = compared.stdout.str()
+    assert "fbcache on tiny-sd3-medium now fails" in text
+    assert "the baseline's schedule was derived with budget=0.2, but the strategy asks for budget=0.3" in text
     compared.stdout.fnmatch_lines(["*cache schedule was derived for 'tiny-pixart-alpha' with 4 attention layers; "
                                    "tiny-flux-dev has 4 (first difference: schedule 'transformer_blocks.0.attn1', model "
                                    "'transformer_blocks.0.attn')*"])
