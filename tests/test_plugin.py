@@ -160,7 +160,7 @@ def test_old_schema_and_layer_mismatch_are_explained(pytester):
     result.stdout.fnmatch_lines(["*has 1 attention layers, tiny-dit-xl-2-256 now has 2*"])
     data["schema_version"] = 0
     path.write_text(json.dumps(data))
-    pytester.runpytest_subprocess(*args).stdout.fnmatch_lines(["*has schema version 0, this plugin reads version 1*"])
+    pytester.runpytest_subprocess(*args).stdout.fnmatch_lines(["*has schema version 0, this plugin reads version 2*"])
 
 
 PERTURB = '''
