@@ -1,6 +1,6 @@
 """Text-to-image DiTs of the PixArt-alpha and SD3 classes, built small and trained on the shapes data.
 
-Both are the real diffusers pipelines (``PixArtAlphaPipeline``: cross-attention, epsilon prediction on the DDPM
+Both are the real diffusers pipelines (``PixArtAlphaPipeline``: cross-attention, v-prediction on the DDPM
 schedule, DPM-Solver sampling; ``StableDiffusion3Pipeline``: joint attention, flow matching, Euler sampling)
 around the shared VAE. What makes CPU training fit in minutes: 16 image tokens (16x16 latents, 4x4 patches),
 one token per caption word, frozen text encoders whose caption embeddings are computed once, latents of a
@@ -41,10 +41,16 @@ class DitRecipe:
     base: str | None = None  # fine-tune this shipped model instead of starting from random weights
     pool_size: int = 8192
     data_seed: int = 0
+    #: PixArt only. "v_prediction" rather than PixArt-alpha's "epsilon": with 20 DPM-Solver steps from t = 999,
+    #: an epsilon model's first image estimate divides its error by sqrt(alpha_bar) = 0.006, and a model trained
+    #: for minutes then paints several blobs (measured: 27% shape, 33% colour adherence); v keeps it bounded.
+    prediction: str = "v_prediction"
 
     def __post_init__(self) -> None:
         if self.family not in ("pixart", "sd3"):
             raise ValueError(f"{self.name}: family must be 'pixart' or 'sd3', got {self.family!r}")
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{self.name}: prediction must be 'epsilon' or 'v_prediction', got {self.prediction!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"{self.name}: caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -65,7 +71,8 @@ def _pixart(recipe: DitRecipe, vae):
     return PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=t5_encoder(recipe.seed + 2, d_model=TEXT_WIDTH, vocab=len(tokenizer)),
         vae=vae, transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                              prediction_type=recipe.prediction),
     )
 
 
@@ -134,7 +141,8 @@ class LatentPool:
 
 
 def diffusion_loss(pipe, family: str, x0: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
-    """The family's training objective on clean latents ``x0``: epsilon MSE (PixArt) or flow matching (SD3)."""
+    """The family's training objective on clean latents ``x0``: epsilon or v MSE on the DDPM schedule (PixArt,
+    as its scheduler's ``prediction_type`` says) or flow matching (SD3)."""
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
     if family == "pixart":
@@ -144,6 +152,8 @@ def diffusion_loss(pipe, family: str, x0: torch.Tensor, cond: dict, generator: t
         pred = pipe.transformer(xt, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
                                 encoder_attention_mask=cond["encoder_attention_mask"],
                                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        if pipe.scheduler.config.prediction_type == "v_prediction":
+            return F.mse_loss(pred, alpha.sqrt() * noise - (1 - alpha).sqrt() * x0)
         return F.mse_loss(pred, noise)
     # SD3: logit-normal sigmas, shifted like the scheduler shifts them at sampling time
     shift = pipe.scheduler.config.shift
@@ -170,6 +180,7 @@ def train_dit(recipe: DitRecipe, out: Path, weights: Path) -> dict:
     log = LossLog(recipe.name, settings_of(recipe.schedule) | {
         "family": recipe.family, "heads": recipe.heads, "head_dim": recipe.head_dim, "layers": recipe.layers,
         "caption_dropout": recipe.caption_dropout, "pool_size": recipe.pool_size, "base": recipe.base,
+        "prediction": recipe.prediction if recipe.family == "pixart" else "flow",
         "distribution": {k: dict(v) for k, v in recipe.distribution.weights.items()}})
 
     def loss_at(step: int) -> torch.Tensor:

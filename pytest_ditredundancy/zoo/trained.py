@@ -23,7 +23,7 @@ _SD3 = {"max_sequence_length": 16}
 
 def trained_specs() -> list[ModelSpec]:
     pixart = dict(family="pixart-alpha", pipeline_class="PixArtAlphaPipeline", steps=20, height=32, width=32,
-                  guidance_scale=4.5, scheduler="dpm-solver", dtype="float32", prediction="epsilon",
+                  guidance_scale=4.5, scheduler="dpm-solver", dtype="float32", prediction="v_prediction",
                   branch_layout="batched-uncond-cond", call_kwargs=_PIXART, trained=True)
     return [
         ModelSpec("trained-pixart", checkpoint=str(WEIGHTS / "trained-pixart"), **pixart,
