@@ -20,7 +20,7 @@ from . import verdicts
 from .baselines import Baseline, BaselineError, _rounded, profile_section
 from .io import plain
 from .runner import RunSettings
-from .schedulers import compatible_schedulers, scheduler_rejection
+from .schedulers import comparable_scheduler, compatible_schedulers, scheduler_rejection
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
 from .tolerances import Tolerance, resolve
 from .verdicts import PAPER_CV_RANGE, Finding, fmt
@@ -279,7 +279,7 @@ class SuiteCheck:
         current = profile.metadata.extra.get("checkpoint_scheduler")
         if stored is None or current is None:
             return
-        current = plain(current, _rounded)
+        stored, current = comparable_scheduler(stored), comparable_scheduler(current)
         if stored.get("class") != current.get("class"):
             problem = f"class {stored.get('class')} in the baseline, {current.get('class')} now"
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import weakref
 from typing import Any
 
@@ -100,6 +101,25 @@ def checkpoint_scheduler(pipe: Any) -> dict[str, Any]:
         original = pipe.scheduler
     config = {k: v for k, v in dict(getattr(original, "config", {}) or {}).items() if not k.startswith("_")}
     return {"class": type(original).__name__, "config": plain(config)}
+
+
+_NONFINITE_TEXT = {"inf", "-inf", "nan", "Infinity", "-Infinity", "NaN"}
+
+
+def comparable_scheduler(recorded: Any) -> Any:
+    """A recorded scheduler (see :func:`checkpoint_scheduler`) in the one form every store writes it: floats to 7
+    significant digits and non-finite values (``lambda_min_clipped=-inf``; profile JSON writes them as text,
+    baselines as null) as None, so a value that went through a file compares equal to one that did not."""
+    from .io import plain
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, float):
+            return float(f"{value:.7g}") if math.isfinite(value) else None
+        if isinstance(value, str) and value in _NONFINITE_TEXT:
+            return None
+        return value
+
+    return plain(recorded, leaf)
 
 
 #: Words in the ValueError diffusers' ``retrieve_timesteps`` raises for a scheduler whose ``set_timesteps``
