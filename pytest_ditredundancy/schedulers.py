@@ -112,14 +112,18 @@ def comparable_scheduler(recorded: Any) -> Any:
     baselines as null) as None, so a value that went through a file compares equal to one that did not."""
     from .io import plain
 
-    def leaf(value: Any) -> Any:
+    def normal(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: normal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [normal(v) for v in value]
         if isinstance(value, float):
             return float(f"{value:.7g}") if math.isfinite(value) else None
         if isinstance(value, str) and value in _NONFINITE_TEXT:
             return None
         return value
 
-    return plain(recorded, leaf)
+    return normal(plain(recorded))
 
 
 #: Words in the ValueError diffusers' ``retrieve_timesteps`` raises for a scheduler whose ``set_timesteps``

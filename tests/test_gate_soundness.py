@@ -234,3 +234,15 @@ def test_stored_tolerances_are_used_and_validated(tmp_path):
     data["tolerances"]["default"]["cpu"]["relative_floor"] = 0.5
     path.write_text(json.dumps(data))
     assert store.load("tiny-x", "k1").tolerance("default", "cpu").relative_floor == 0.5
+
+
+def test_a_recorded_scheduler_compares_equal_after_any_file_round_trip():
+    from pytest_ditredundancy.schedulers import comparable_scheduler
+
+    recorded = {"class": "X", "config": {"lambda_min_clipped": float("-inf"), "beta_end": 0.0200000001, "x": [1.0]}}
+    in_profile_json = {"class": "X", "config": {"lambda_min_clipped": "-inf", "beta_end": 0.0200000001, "x": [1.0]}}
+    in_baseline = {"class": "X", "config": {"lambda_min_clipped": None, "beta_end": 0.02, "x": [1.0]}}
+    assert comparable_scheduler(recorded) == comparable_scheduler(in_profile_json) == comparable_scheduler(in_baseline)
+    assert comparable_scheduler(recorded) != comparable_scheduler({**recorded, "class": "Y"})
+    assert comparable_scheduler(recorded) != comparable_scheduler({"class": "X", "config": {**recorded["config"],
+                                                                                           "beta_end": 0.021}})

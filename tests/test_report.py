@@ -13,7 +13,8 @@ import pytest
 
 from dit_runs import FAST, NO_BASELINES, QUICK_SUITES, browser, run_pytest, use_suites
 from pytest_ditredundancy import profile_model
-from pytest_ditredundancy.baselines import DEFAULT_TOLERANCES, Baseline, profile_section
+from pytest_ditredundancy.baselines import Baseline, profile_section
+from pytest_ditredundancy.tolerances import default_table
 from pytest_ditredundancy.options import DitConfig
 from pytest_ditredundancy.report import build_document, render_html
 from pytest_ditredundancy.report.document import config_dict
@@ -78,7 +79,7 @@ def test_baseline_diff_marks_the_cells_out_of_tolerance(tiny_profiles):
     times = list(np.linspace(1, 0, profile.num_step_pairs))
     section = profile_section(profile.kinds, profile.layers, mean, np.zeros_like(mean), metric="abs_l1", branch="cond",
                               times=times)
-    baseline = Baseline(Path("base.json"), "tiny-pixart-alpha", "key", {"profile": section, "tolerances": DEFAULT_TOLERANCES})
+    baseline = Baseline(Path("base.json"), "tiny-pixart-alpha", "key", {"profile": section, "tolerances": default_table()})
     diff = baseline_diff(profile, baseline, "cpu")
     assert diff["out_of_tolerance"] == [["a", 1, 2]]
     assert diff["excess"]["a"][1][2] > 1 > max(v for row in diff["excess"]["k"] for v in row if v is not None)
@@ -90,8 +91,8 @@ def test_baseline_diff_marks_the_cells_out_of_tolerance(tiny_profiles):
 def _document(summary, model="tiny-pixart-alpha"):
     cfg = DitConfig(models=(model,), device="cpu", dtype="auto", prompts=tuple(PROMPTS), prompt_source="",
                     num_prompts=3, steps=4, scheduler=None, seed=0, batch_size=8, baseline_dir=Path("baselines"),
-                    update_baselines=False, step_factors=(2.0,), schedulers=(), bootstrap=10, cv_bounds=None,
-                    min_shape_correlation=None)
+                    update_baselines=False, step_factors=(2.0,), schedulers=(), cv_bounds=(0.0, 0.2),
+                    min_shape_correlation=0.8)
     run = {**config_dict(cfg, [model]), "command": "suites", "workers": None}
     nodeid = f"suites/test_prompt_stability.py::test_prompt_stability[{model}]"
     record = {"model": model, "family": "pixart-alpha", "suite": "prompt_stability", "statistic": "robust_cv[k]",
