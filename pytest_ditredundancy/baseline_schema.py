@@ -152,7 +152,7 @@ def _cache_gate(section: Any, where: str) -> None:
                 _bounds(bounds[name], f"{here}.bounds.{name}", open_ends=True)
         for name in ("psnr", "skipped_attention"):
             _number(_field(entry, name, here), f"{here}.{name}", minimum=0.0)
-        for name in ("ssim", "latent_mse", "skipped_transformer", "speedup", "spearman"):
+        for name in ("ssim", "latent_mse", "skipped_transformer", "speedup", "spearman", "adherence"):
             if name in entry:
                 _number(entry[name], f"{here}.{name}", nullable=True)
         if entry.get("schedule") is not None:

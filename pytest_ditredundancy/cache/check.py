@@ -27,6 +27,7 @@ from ..baselines import BaselineError
 from ..checks import SuiteCheck
 from ..session import BASELINE_USED_KEY, DitSession
 from ..zoo.registry import ModelSpec
+from . import adherence
 from .apply import CacheBatchError, UnsupportedStrategy, attention_modules
 from .config import cache_options
 from .diffusers_cache import strategy_failure
@@ -204,8 +205,13 @@ class CacheCheck:
             "latent_mse": latent_mse(reference.latents, cached.latents),
             "skipped": skipped_fractions(reference, cached), "speedup": speedup(uncached_s, cached_s),
             "seconds": {"uncached": uncached_s, "cached": cached_s}, "strategy_counters": cached.strategy,
-            "sweep": None, "premise": None, "spearman": None,
+            "sweep": None, "premise": None, "spearman": None, "adherence": None,
         }
+        if adherence.applies_to(self.spec):
+            try:
+                result["adherence"] = adherence.measure(plan.prompts, reference.images, cached.images)
+            except adherence.AdherenceError as exc:
+                pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {exc}", pytrace=False)
         if schedule is not None and schedule.costs is not None:
             result["sweep"] = self.sweep(plan, schedule, reference)
             result["premise"], result["spearman"] = self.premise(plan, schedule, reference)
@@ -233,8 +239,9 @@ class CacheCheck:
 
     def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None) -> dict[str, Any]:
         tol = _tolerance(self.session.device_class)
+        scored = result["adherence"]
         values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"],
-                  "latent_mse": result["latent_mse"]}
+                  "latent_mse": result["latent_mse"], "adherence": scored.cached if scored else None}
         if self.strategy.strategy != "none" and values["skipped"] <= 0.0:
             pytest.fail(f"cache gate {self.strategy} on {self.spec.name} skipped no attention compute: it would only "
                         "gate a cache that does nothing. Choose settings under which it skips (e.g. a higher "
@@ -245,6 +252,9 @@ class CacheCheck:
             entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": values["latent_mse"],
                      "skipped_attention": values["skipped"], "skipped_transformer": result["skipped"]["transformer"],
                      "speedup": result["speedup"], "spearman": values["spearman"], "bounds": bounds}
+            if scored is not None:
+                bounds["adherence"] = adherence.new_bounds(scored, self.session.device_class)
+                entry["adherence"] = scored.cached
             if schedule is not None:
                 entry["schedule"] = schedule.to_dict()
             self._store(entry)
@@ -255,6 +265,9 @@ class CacheCheck:
         else:
             self._missing()
         failures = self._failures(values, bounds, stored)
+        lost_prompt = adherence.drop_failure(scored, self.session.device_class) if scored else None
+        if lost_prompt:
+            failures.append(lost_prompt)
         record = self._record(result, values, bounds, schedule, passed=not failures, updated=update)
         if failures:
             fix = self._update_command()
@@ -288,13 +301,15 @@ class CacheCheck:
         labels = {"psnr": ("PSNR", "dB", "output quality regressed"),
                   "skipped": ("attention compute skipped", "", "the cache skips less: it got slower"),
                   "spearman": ("Spearman(predicted, measured error)", "", "the profile no longer predicts the error"),
-                  "latent_mse": ("latent MSE", "", "the final latents moved less than before: the cache changed")}
+                  "latent_mse": ("latent MSE", "", "the final latents moved less than before: the cache changed"),
+                  "adherence": ("prompt adherence", "", "the cached images follow their prompts less often")}
         stored_values = {"psnr": (stored or {}).get("psnr"), "skipped": (stored or {}).get("skipped_attention"),
-                         "spearman": (stored or {}).get("spearman"), "latent_mse": (stored or {}).get("latent_mse")}
+                         "spearman": (stored or {}).get("spearman"), "latent_mse": (stored or {}).get("latent_mse"),
+                         "adherence": (stored or {}).get("adherence")}
         failures = []
         for name, (label, unit, below) in labels.items():
             lo, hi = (list(bounds.get(name) or []) + [None, None])[:2]
-            value = values[name]
+            value = values.get(name)
             if lo is None and hi is None:
                 continue
             if value is None or not math.isfinite(value):
@@ -333,6 +348,8 @@ class CacheCheck:
             "skipped_bounds": bounds.get("skipped"), "spearman": values["spearman"],
             "spearman_bounds": bounds.get("spearman"), "latent_mse_bounds": bounds.get("latent_mse"),
             "sweep": result["sweep"], "premise": result["premise"],
+            "adherence": result["adherence"].as_dict() if result["adherence"] else None,
+            "adherence_bounds": bounds.get("adherence"),
             "strategy_counters": result["strategy_counters"], "psnr_cap": PSNR_CAP,
             "schedule": None if schedule is None else {
                 "layers": list(schedule.layers), "steps": schedule.steps, "mask": schedule.mask,
