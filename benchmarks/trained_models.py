@@ -8,6 +8,7 @@ Prints, and writes to benchmarks/out/trained_models.json:
   3. step-count stability (x0.5, x2) and scheduler stability: correlation of mean-normalised per-layer
      curves over normalised time (``statistics.compare_shapes``, as the suites compute it);
   4. distinctness between the families, and between trained-pixart and its fine-tuned checkpoint.
+Experiments 2-4 also run on the random-weight twins (tiny-pixart-alpha, tiny-sd3-medium) for contrast.
 With ``--figures DIR`` it also draws the sample grid and the loss curves the README shows.
 Prompts are the dataset's captions (the models know no other text); prompt i uses seed i.
 """
@@ -31,8 +32,11 @@ from pytest_ditredundancy.training.evaluate import (
 from pytest_ditredundancy.zoo.trained import WEIGHTS
 
 MODELS = ("trained-pixart", "trained-sd3", "trained-pixart-ft")
+#: Random-weight twins of the same classes, run on the same captions: what the numbers were before training.
+CONTRASTS = ("tiny-pixart-alpha", "tiny-sd3-medium")
 SCHEDULERS = {"trained-pixart": ("euler", "ddim"), "trained-pixart-ft": ("euler", "ddim"),
-              "trained-sd3": ("flow-heun", "flow-dpm-solver")}
+              "trained-sd3": ("flow-heun", "flow-dpm-solver"), "tiny-pixart-alpha": ("euler", "ddim"),
+              "tiny-sd3-medium": ("flow-heun", "flow-dpm-solver")}
 KINDS = ("k", "v", "a")
 
 
@@ -72,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         report["adherence"][name] = result.accuracy | {"shape_and_colour": float(result.all_correct.mean())}
     prompts = evaluation_captions(args.prompts, seed=7)
     signatures = {}
-    for name in MODELS:
+    for name in MODELS + CONTRASTS:
         report["experiments"][name] = experiments(name, prompts)
         signatures[name] = report["experiments"][name].pop("signature")
-    for a, b in (("trained-pixart", "trained-sd3"), ("trained-pixart", "trained-pixart-ft")):
+    for a, b in (("trained-pixart", "trained-sd3"), ("trained-pixart", "trained-pixart-ft"),
+                 ("tiny-pixart-alpha", "tiny-sd3-medium")):
         d = stats.distinctness(signatures[a], signatures[b])
         report["distinctness"][f"{a} vs {b}"] = {"between": d.between, "within": max(d.within_a, d.within_b),
                                                  "ratio": d.ratio}

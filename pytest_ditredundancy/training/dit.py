@@ -192,9 +192,22 @@ def train_dit(recipe: DitRecipe, out: Path, weights: Path) -> dict:
     run_steps(recipe.schedule, log, parameters, loss_at)
     transformer.eval()
     pipe.save_pretrained(out, safe_serialization=True)
+    drop_local_paths(out)
     count = sum(p.numel() for p in transformer.parameters())
     log.save(out, {"transformer_parameters": count})
     return {"final_loss": log.losses[-1], "transformer_parameters": count, "seconds": round(log.seconds)}
+
+
+def drop_local_paths(directory: Path) -> None:
+    """Remove ``_name_or_path`` (where the components were loaded from on the training machine) from the saved
+    configs: shipped files must not carry one machine's paths, and loading does not need them."""
+    import json
+
+    for path in Path(directory).rglob("*.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 #: The shipped recipes. ``trained-pixart-ft`` continues ``trained-pixart`` on a shifted distribution: white
