@@ -61,14 +61,31 @@ def experiments(name: str, prompts: list[str]) -> dict:
     return out
 
 
+def figures(directory: Path) -> list[str]:
+    """Sample grid (one row per model, same captions and seeds) and loss curves; returns the grid's captions."""
+    captions = evaluation_captions(8, seed=3)
+    rows = [generate(name, captions, seed=0) for name in MODELS]
+    save_grid(np.concatenate(rows), directory / "trained-samples.png", columns=8, scale=3)
+    save_loss_curves({n: WEIGHTS / n for n in ("vae", "trained-pixart", "trained-sd3", "trained-pixart-ft")},
+                     directory / "trained-loss.png")
+    return captions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adherence-samples", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=16, help="captions per profile (paper experiments)")
     parser.add_argument("--figures", type=Path, default=None, help="write the sample grid and loss curves here")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "trained_models.json")
+    parser.add_argument("--figures-only", action="store_true", help="only draw the figures (needs --figures)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
+    if args.figures_only:
+        if args.figures is None:
+            parser.error("--figures-only needs --figures DIR")
+        print("sample grid captions:", *figures(args.figures), sep="\n  ")
+        return 0
     started = time.time()
     report: dict = {"adherence": {}, "experiments": {}, "distinctness": {}}
     for name in MODELS:
@@ -88,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     report["settings"] = {"adherence_samples": args.adherence_samples, "prompts": args.prompts,
                           "threads": torch.get_num_threads()}
     if args.figures is not None:
-        captions = evaluation_captions(8, seed=3)
-        rows = [generate(name, captions, seed=0) for name in ("trained-pixart", "trained-sd3")]
-        save_grid(np.concatenate(rows), args.figures / "trained-samples.png", columns=8, scale=3)
-        save_loss_curves({n: WEIGHTS / n for n in ("vae", "trained-pixart", "trained-sd3", "trained-pixart-ft")},
-                         args.figures / "trained-loss.png")
-        report["grid_captions"] = captions
+        report["grid_captions"] = figures(args.figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     _print(report)

@@ -109,6 +109,8 @@ def save_loss_curves(records: dict[str, Path], path: Path, size: tuple[int, int]
     for (name, (steps, values)), colour in zip(curves.items(), colours):
         draw.line([xy(s, v) for s, v in zip(steps, values)], fill=colour, width=2)
     for i, (name, colour) in enumerate(zip(curves, colours)):
-        draw.text((width - right - 170, top + 6 + 14 * i), f"— {name}", fill=colour)
+        y = top + 12 + 14 * i
+        draw.line([width - right - 190, y, width - right - 172, y], fill=colour, width=2)
+        draw.text((width - right - 166, y - 6), name, fill=colour)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
