@@ -8,7 +8,8 @@ Public API::
 from .capture import RedundancyCapture, capture_redundancy
 from .metrics import METRICS
 from .profile import ProfileFormatError, ProfileMetadata, RedundancyProfile
-from .prompts import PromptFileError, default_prompts, load_prompts
+from .paper import PROTOCOLS, ProtocolError
+from .prompts import PROMPT_SETS, PromptFileError, coco_prompts, default_prompts, load_prompts, named_prompts
 from .runner import RunSettings, profile_model
 from .sites import KINDS, CaptureSite, FusedProjectionError, discover_sites
 from .zoo import ModelLoadError, ModelSpec, UnknownModelError, get_spec, load_model, register_model, registered_models
@@ -16,8 +17,9 @@ from .zoo import ModelLoadError, ModelSpec, UnknownModelError, get_spec, load_mo
 __version__ = "0.1.0"
 
 __all__ = [
-    "KINDS", "METRICS", "CaptureSite", "FusedProjectionError", "ModelLoadError", "ModelSpec", "ProfileFormatError",
-    "ProfileMetadata", "PromptFileError", "RedundancyCapture", "RedundancyProfile", "RunSettings",
-    "UnknownModelError", "capture_redundancy", "default_prompts", "discover_sites", "get_spec", "load_model",
-    "load_prompts", "profile_model", "register_model", "registered_models",
+    "KINDS", "METRICS", "PROMPT_SETS", "PROTOCOLS", "CaptureSite", "FusedProjectionError", "ModelLoadError",
+    "ModelSpec", "ProfileFormatError", "ProfileMetadata", "PromptFileError", "ProtocolError", "RedundancyCapture",
+    "RedundancyProfile", "RunSettings", "UnknownModelError", "capture_redundancy", "coco_prompts",
+    "default_prompts", "discover_sites", "get_spec", "load_model", "load_prompts", "named_prompts",
+    "profile_model", "register_model", "registered_models",
 ]

@@ -129,12 +129,15 @@ def profile_loop(loop: DenoisingLoop, prompts: Sequence[str], *, steps: int, see
                  guidance_scale: float | None = None, kinds: Iterable[str] = DEFAULT_KINDS,
                  model_name: str | None = None, progress: Callable[[int, int, float], None] | None = None,
                  prompt_offset: int = 0, run_kwargs: dict[str, Any] | None = None,
-                 **metadata: Any) -> RedundancyProfile:
+                 sites: Sequence[CaptureSite] | None = None, same_seed: bool = False, whole_batch: bool = False,
+                 generator_device: str | torch.device = "cpu", **metadata: Any) -> RedundancyProfile:
     """Run ``prompts`` through ``loop`` in batches under a capture and return the profile.
 
-    Prompt ``i`` gets ``torch.Generator("cpu").manual_seed(seed + prompt_offset + i)`` whatever its batch.
-    ``guidance_scale`` ``None`` uses the loop's default; ``<= 1`` profiles the single conditional branch.
-    ``run_kwargs`` go to every ``loop.run`` call; ``metadata`` fills further
+    Prompt ``i`` gets ``torch.Generator("cpu").manual_seed(seed + prompt_offset + i)`` whatever its batch
+    (``same_seed``: ``seed`` for every prompt, as the redundancy study ran; ``generator_device``: where the
+    generators live). ``guidance_scale`` ``None`` uses the loop's default; ``<= 1`` profiles the single
+    conditional branch. ``run_kwargs`` go to every ``loop.run`` call; ``sites`` replaces ``loop.sites()``;
+    ``whole_batch`` as in :func:`~pytest_ditredundancy.capture_redundancy`; ``metadata`` fills further
     :class:`~pytest_ditredundancy.profile.ProfileMetadata` fields.
     """
     if not isinstance(loop, DenoisingLoop):
@@ -148,17 +151,17 @@ def profile_loop(loop: DenoisingLoop, prompts: Sequence[str], *, steps: int, see
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     wanted = validate_kinds(kinds)
-    sites = [site for site in loop.sites() if site.kind in wanted]
+    sites = [site for site in (loop.sites() if sites is None else sites) if site.kind in wanted]
     if not sites:
         raise ValueError(f"{type(loop).__name__}.sites() has no site of kinds {wanted}")
     scale = guidance_scale if guidance_scale is not None else getattr(loop, "guidance_scale", None)
     guided = scale is None or scale > 1
     layout = loop.branch_layout if guided else "single"
     started, done = time.perf_counter(), 0
-    with capture_redundancy(loop.transformer, sites=sites, branch_layout=layout) as cap:
+    with capture_redundancy(loop.transformer, sites=sites, branch_layout=layout, whole_batch=whole_batch) as cap:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + prompt_offset + start + i)
+            generators = [torch.Generator(generator_device).manual_seed(seed if same_seed else seed + prompt_offset + start + i)
                           for i in range(len(batch))]
             cap.start_run()
             run = cap.runs[-1]  # the run start_run() opened: label its rows with this batch's prompts

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from .assemble import RawRun, RawSeries, assemble_profile
+from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .fused_stats import StepStatistics, default_mode
 from .profile import RedundancyProfile
-from .sites import DEFAULT_KINDS, CaptureSite, discover_sites, validate_kinds
+from .sites import DEFAULT_KINDS, CaptureSite, ModuleCall, discover_sites, validate_kinds
 
 
 @dataclass
@@ -51,6 +52,8 @@ class _Run:
     timesteps: list[Any] = field(default_factory=list)
     prompts: list[str] | None = None
     cfg: bool | None = None
+    samples: int | None = None
+    cond_first: bool = False
 
     @property
     def empty(self) -> bool:
@@ -62,7 +65,7 @@ class RedundancyCapture:
 
     def __init__(self, target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
                  scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
-                 stats: str | None = None) -> None:
+                 stats: str | None = None, whole_batch: bool = False) -> None:
         self.pipeline = None if isinstance(target, nn.Module) else target
         self.transformer: nn.Module = target if isinstance(target, nn.Module) else _transformer_of(target)
         self.scheduler = scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None)
@@ -71,7 +74,9 @@ class RedundancyCapture:
         self.branch_layout = branch_layout
         self.copy_tensors = copy_tensors
         self.step_statistics = StepStatistics(stats or default_mode())  # fused kernel or eager: see fused_stats
+        self.whole_batch = whole_batch
         self.runs: list[_Run] = [_Run()]
+        self._calls: dict[int, ModuleCall] = {}  # running calls of the sites' context modules
         self.messages: list[str] = []
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any, bool]] = []
@@ -118,8 +123,13 @@ class RedundancyCapture:
             by_module.setdefault(id(site.module), []).append((index, site))
             modules[id(site.module)] = site.module
         self._handles.append(self.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
+        contexts = {id(site.context): site.context for site in self.sites if site.context is not None}
+        for module in contexts.values():
+            self._handles.append(module.register_forward_pre_hook(self._enter_context, with_kwargs=True))
         for key, module in modules.items():
             self._handles.append(module.register_forward_hook(self._make_site_hook(by_module[key])))
+        for module in contexts.values():  # after the site hooks: a site on the context module still sees its call
+            self._handles.append(module.register_forward_hook(self._leave_context))
         if self.scheduler is not None:
             self._wrap(self.scheduler, "step", self._after_step)
             self._wrap(self.scheduler, "set_timesteps", None, before=self._on_set_timesteps)
@@ -185,7 +195,14 @@ class RedundancyCapture:
         run.calls_in_step += 1
         run.batch_sizes.setdefault(self._active_call, self._active_batch)
         if self._active_call == 0 and run.step == 0 and self.pipeline is not None:
-            run.cfg = _guidance_active(self.pipeline)
+            run.cfg, run.samples = call_guidance(self.pipeline, self.transformer)
+            run.cond_first = type(self.pipeline).__name__ in COND_FIRST_PIPELINES
+
+    def _enter_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._calls[id(module)] = ModuleCall(module, args, kwargs)
+
+    def _leave_context(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._calls.pop(id(module), None)
 
     # -- recording ----------------------------------------------------------------------------------------
     def _make_site_hook(self, group: list[tuple[int, CaptureSite]]):
@@ -193,7 +210,9 @@ class RedundancyCapture:
             if self._active_call is None:
                 return
             for index, site in group:
-                tensor = site.tensor(output)
+                seen = output if site.read == "output" else (args[0] if args else None)
+                call = self._calls.get(id(site.context)) if site.context is not None else None
+                tensor = site.tensor(seen, call)
                 if tensor is not None:
                     self._record(index, tensor)
 
@@ -268,21 +287,27 @@ class RedundancyCapture:
                 raw[key] = RawSeries(steps=series.steps, valid=series.valid, stats=host[position], numel=series.numel)
                 position += 1
             raw_runs.append(RawRun(steps=run.step, batch_sizes=dict(run.batch_sizes), series=raw,
-                                   timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg))
-        profile = assemble_profile(raw_runs, self.sites, self.branch_layout, context=self, **metadata)
+                                   timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg,
+                                   samples=run.samples, cond_first=run.cond_first))
+        profile = assemble_profile(raw_runs, self.sites, self.branch_layout, context=self,
+                                   whole_batch=self.whole_batch, **metadata)
         profile.metadata.extra = {**profile.metadata.extra, "step_stats": self.step_statistics.summary()}
         return profile
 
 
 def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
                        scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
-                       stats: str | None = None) -> RedundancyCapture:
+                       stats: str | None = None, whole_batch: bool = False) -> RedundancyCapture:
     """Capture K/V/A redundancy of every pipeline call made inside the ``with`` block.
 
     ``target`` is a diffusers pipeline (its ``transformer`` and ``scheduler`` are used) or a bare
     ``nn.Module`` (then pass ``scheduler`` or call :meth:`RedundancyCapture.end_step` after each step).
     ``kinds`` restricts what is measured (hooks for other kinds are not installed). ``branch_layout`` tells
-    how batch rows / calls map to CFG branches (see :data:`pytest_ditredundancy.zoo.BRANCH_LAYOUTS`).
+    how batch rows / calls map to CFG branches (see :data:`pytest_ditredundancy.zoo.BRANCH_LAYOUTS`); with
+    ``auto`` the pipeline call's own guidance decides (:mod:`pytest_ditredundancy.guidance`), and a batch that could be read
+    either way is refused with a message naming ``branch_layout=``. ``whole_batch`` measures each prompt over
+    all its rows at once, both CFG halves together, as the redundancy study did: the profile then has one
+    branch, ``batch``.
     ``stats`` picks how each step is reduced: ``auto`` (default, or ``$DITREDUNDANCY_STATS``), ``fused`` or
     ``eager`` (see :mod:`pytest_ditredundancy.fused_stats`); the profile's ``extra["step_stats"]`` says which ran.
 
@@ -293,7 +318,7 @@ def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sit
         profile = cap.profile(model="pixart-alpha")
     """
     return RedundancyCapture(target, kinds=kinds, sites=sites, scheduler=scheduler, branch_layout=branch_layout,
-                             copy_tensors=copy_tensors, stats=stats)
+                             copy_tensors=copy_tensors, stats=stats, whole_batch=whole_batch)
 
 
 def _transformer_of(pipeline: Any) -> nn.Module:
@@ -314,16 +339,6 @@ def _argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
         return inspect.signature(function).bind_partial(*args, **kwargs).arguments.get(name)
     except (TypeError, ValueError):
         return None
-
-
-def _guidance_active(pipeline: Any) -> bool | None:
-    """Whether the running pipeline applies classifier-free guidance, read from its call state; None when the
-    pipeline does not expose it (PixArt keeps it in a local variable)."""
-    try:
-        return bool(getattr(pipeline, "do_classifier_free_guidance"))
-    except Exception:  # no such property, or it reads call state this pipeline does not set
-        scale = getattr(pipeline, "_guidance_scale", None)
-        return scale > 1 if isinstance(scale, (int, float)) else None
 
 
 def _reachable_tensors(value: Any, seen: set[int], found: dict[int, torch.Tensor]) -> None:

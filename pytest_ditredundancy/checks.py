@@ -77,7 +77,8 @@ class SuiteCheck:
                **details: Any) -> None:
         entry = {"model": self.spec.name, "family": self.spec.family, "suite": suite, "statistic": statistic,
                  "value": None if value is None or not np.isfinite(value) else float(value),
-                 "bounds": bounds, "passed": bool(passed), "nodeid": self.item.nodeid, **details}
+                 "bounds": bounds, "passed": bool(passed), "nodeid": self.item.nodeid,
+                 "protocol": self.settings.protocol, **details}
         self.item.user_properties.append((RECORD_KEY, entry))
 
     def tolerance(self, baseline: Baseline | None) -> Tolerance:
@@ -334,7 +335,7 @@ def model_distinctness(session: DitSession, item: pytest.Item) -> list[stats.Dis
                 "model": f"{result.model_a} vs {result.model_b}", "family": "", "suite": "model_distinctness",
                 "statistic": "between/within", "value": float(result.ratio) if np.isfinite(result.ratio) else None,
                 "bounds": [1.0, None], "passed": ok, "nodeid": item.nodeid, "between": result.between,
-                "within": [result.within_a, result.within_b]}))
+                "within": [result.within_a, result.within_b], "protocol": session.config.protocol}))
             results.append(result)
             if not ok:
                 failures.append(f"  {result.model_a} vs {result.model_b}: distance {fmt(result.between)} <= prompt "

@@ -33,7 +33,8 @@ from .zoo.registry import ModelSpec
 
 #: run settings every shard must share (batch size, device index and baseline directory may differ)
 AGREE = ("models", "dtype", "prompts", "prompt_source", "num_prompts", "steps", "scheduler", "seed",
-         "step_factors", "schedulers", "cv_bounds", "min_shape_correlation", "enforce_claims", "tolerance")
+         "step_factors", "schedulers", "cv_bounds", "min_shape_correlation", "enforce_claims", "tolerance",
+         "protocol", "seed_given")
 BAD = ("failed", "error", "crashed")
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from .prompts import PromptFileError, default_prompts, load_prompts, select_prompts
+from .paper import PAPER_NUM_PROMPTS, PAPER_PROMPTS, ProtocolError, check_protocol, paper_setup
+from .prompts import PROMPT_SETS, PromptFileError, resolve_prompts, select_prompts
 from .shard import ShardError, parse_shard
 from .schedulers import UnknownSchedulerError, scheduler_class_and_overrides
 from .tolerances import LEVELS
@@ -26,14 +27,21 @@ OPTIONS: list[tuple[str, str, str, str, Any]] = [
     ("--dit-device", "dit_device", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps", "str", "auto"),
     ("--dit-dtype", "dit_dtype", "dtype: auto (model's dtype on GPU, float32 on CPU), float32, float16, bfloat16",
      "str", "auto"),
-    ("--dit-prompts", "dit_prompts", "prompt file: one prompt per line, or .jsonl with a 'prompt' field "
-     "(default: the 72 shipped prompts)", "str", ""),
-    ("--dit-num-prompts", "dit_num_prompts", "how many prompts to profile per model (default: 8 of the shipped "
-     "set, or every prompt of --dit-prompts)", "int", 0),
+    ("--dit-protocol", "dit_protocol", "how redundancy is measured: 'project' (this package's definitions, the "
+     "default) or 'paper' (the redundancy study's protocol, exactly: its seed for every prompt, whole-batch mean, "
+     "self-attention only, its K/V/A tensors, step counts and schedulers; README 'Protocols')", "str", "project"),
+    ("--dit-prompts", "dit_prompts", "prompt set: a named set (coco1000: the study's 1000 MS-COCO captions; "
+     "default) or a file, one prompt per line or .jsonl with a 'prompt' field (default: the 72 shipped prompts; "
+     "coco1000 with --dit-protocol=paper)", "str", ""),
+    ("--dit-num-prompts", "dit_num_prompts", "how many prompts to profile per model, the first N of the set "
+     "(default: 8 of the shipped set, 10 of coco1000 with --dit-protocol=paper, or every prompt of a "
+     "--dit-prompts file)", "int", 0),
     ("--dit-steps", "dit_steps", "denoising steps (default: the model's own)", "int", 0),
     ("--dit-scheduler", "dit_scheduler", "scheduler alias or diffusers class (default: the model's own)", "str", ""),
-    ("--dit-seed", "dit_seed", "seed; prompt i uses seed + i", "int", 0),
-    ("--dit-batch-size", "dit_batch_size", "prompts per pipeline call", "int", 8),
+    ("--dit-seed", "dit_seed", "seed; prompt i uses seed + i (--dit-protocol=paper: every prompt uses it; "
+     "default there: the study's seed of each model)", "int", 0),
+    ("--dit-batch-size", "dit_batch_size", "prompts per pipeline call (--dit-protocol=paper: 1, as the study)",
+     "int", 8),
     ("--dit-baseline-dir", "dit_baseline_dir", "where baselines live, relative to the rootdir", "str", "baselines"),
     ("--dit-update-baselines", "dit_update_baselines", "rewrite the baseline sections of the selected tests "
      "instead of comparing against them", "bool", False),
@@ -149,6 +157,8 @@ class DitConfig:
     json: Path | None = None  # --dit-json
     shard: tuple[int, int] | None = None  # --dit-shard K/N (K from 1)
     progress_interval: float = 10.0
+    protocol: str = "project"  # --dit-protocol
+    seed_given: bool = False  # --dit-seed set: under the paper protocol it replaces the study's seeds
 
     @property
     def prompt_digest(self) -> str | None:
@@ -156,6 +166,20 @@ class DitConfig:
         if not self.prompt_source:
             return None
         return hashlib.sha256("\n".join(self.prompts).encode("utf-8")).hexdigest()[:8]
+
+    @property
+    def prompt_tag(self) -> str | None:
+        """What the baseline key says about the prompts: nothing for the shipped set, the name of a named set
+        (``coco1000``), ``prompts<hash>`` for a file."""
+        if not self.prompt_source:
+            return None
+        return self.prompt_source if self.prompt_source in PROMPT_SETS else f"prompts{self.prompt_digest}"
+
+    @property
+    def noise_seed(self) -> int | None:
+        """The seed profiles use: ``seed`` (prompt i then uses seed + i), or under the paper protocol ``None``
+        (each model's study seed, the same for every prompt) unless ``--dit-seed`` was given."""
+        return self.seed if self.protocol == "project" or self.seed_given else None
 
     def command(self, model: str, *extra: str) -> str:
         """The pytest command line that reproduces this session's settings for ``model``."""
@@ -171,6 +195,20 @@ def read_config(config: pytest.Config) -> DitConfig:
         raw = config.getoption(flag[2:].replace("-", "_"))
         if raw not in (None, []) and kind != "bool" and flag not in ("--dit-update-baselines",):
             given[flag] = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+    try:
+        protocol = check_protocol(values["dit_protocol"])
+    except ProtocolError as exc:
+        raise pytest.UsageError(f"{exc} (--dit-protocol)") from None
+    paper = protocol == "paper"
+    if paper:
+        batch_given = config.getoption("dit_batch_size") is not None or str(config.getini("dit_batch_size")) != "8"
+        if batch_given and values["dit_batch_size"] != 1:
+            raise pytest.UsageError(f"--dit-protocol=paper runs one prompt per pipeline call, as the study did; "
+                                    f"--dit-batch-size={values['dit_batch_size']} does not apply (leave it out)")
+        values["dit_batch_size"] = 1
+        for model in values["dit_models"]:
+            _check_paper_model(model)
+    seed_given = config.getoption("dit_seed") is not None or str(config.getini("dit_seed")) not in ("", "0")
     for name in ("dit_batch_size",):
         if values[name] < 1:
             raise pytest.UsageError(f"--{name[4:].replace('_', '-')} must be at least 1 (dit-{name[4:]}), got {values[name]}")
@@ -182,13 +220,15 @@ def read_config(config: pytest.Config) -> DitConfig:
                 scheduler_class_and_overrides(name)
             except UnknownSchedulerError as exc:
                 raise pytest.UsageError(str(exc)) from None
-    source = values["dit_prompts"]
+    source = values["dit_prompts"] or (PAPER_PROMPTS if paper else "")
+    source = "" if source == "default" else source  # the shipped set by its name
     try:
-        pool = load_prompts(Path(source).expanduser()) if source else default_prompts()
-        count = values["dit_num_prompts"] or (None if source else DEFAULT_NUM_PROMPTS)
+        pool = resolve_prompts(source or "default")
+        named = not source or source in PROMPT_SETS
+        count = values["dit_num_prompts"] or (None if not named else PAPER_NUM_PROMPTS if paper else DEFAULT_NUM_PROMPTS)
         if count is not None and count < 1:
             raise ValueError(f"--dit-num-prompts must be at least 1, got {count}")
-        prompts = select_prompts(pool, count, source or "the shipped prompt set")
+        prompts = select_prompts(pool, count, f"prompt set {source}" if source else "the shipped prompt set")
     except (PromptFileError, ValueError) as exc:
         raise pytest.UsageError(f"{exc} (--dit-prompts / --dit-num-prompts)") from None
     bounds = values["dit_cv_bounds"]
@@ -221,8 +261,22 @@ def read_config(config: pytest.Config) -> DitConfig:
         enforce_claims=bool(values["dit_enforce_claims"]), tolerance=values["dit_tolerance"], given=given,
         report=_output_path(config, "--dit-report", values["dit_report"]),
         json=_output_path(config, "--dit-json", values["dit_json"]), shard=shard,
-        progress_interval=values["dit_progress_interval"],
+        progress_interval=values["dit_progress_interval"], protocol=protocol, seed_given=seed_given,
     )
+
+
+def _check_paper_model(model: str) -> None:
+    """A model the paper protocol can run: one of the study's seven families (tiny twins included)."""
+    from .zoo.loading import resolve_spec
+
+    try:
+        spec = resolve_spec(model)
+    except Exception:  # unknown or unloadable: its tests report that themselves
+        return
+    try:
+        paper_setup(spec.family, spec.name)
+    except ProtocolError as exc:
+        raise pytest.UsageError(f"{exc} (--dit-protocol=paper, --dit-model)") from None
 
 
 def _output_path(config: pytest.Config, flag: str, value: str) -> Path | None:

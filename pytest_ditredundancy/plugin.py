@@ -63,10 +63,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     cfg = session.config
     v = versions()
     models = ", ".join(session.selected_models())
+    seed = f"seed {cfg.seed}" if cfg.noise_seed is not None else "each model's study seed"
     return [
         f"ditredundancy: models: {models}",
-        f"ditredundancy: device {session.device} ({cfg.dtype} dtype), {cfg.num_prompts} prompts"
-        f"{' from ' + cfg.prompt_source if cfg.prompt_source else ''}, seed {cfg.seed}, baselines in "
+        f"ditredundancy: device {session.device} ({cfg.dtype} dtype), protocol {cfg.protocol}, {cfg.num_prompts} prompts"
+        f"{' from ' + cfg.prompt_source if cfg.prompt_source else ''}, {seed}, baselines in "
         f"{relative(cfg.baseline_dir, config.rootpath)}{' (UPDATING)' if cfg.update_baselines else ''}",
         f"ditredundancy: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}",
     ]

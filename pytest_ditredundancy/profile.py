@@ -51,6 +51,9 @@ class ProfileMetadata:
     dtype: str = ""
     device: str = ""
     seed: int | None = None
+    #: how the numbers were measured: "project" (this package's definitions) or "paper" (the study's, exactly;
+    #: see pytest_ditredundancy.paper)
+    protocol: str = "project"
     prompts: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -19,7 +19,8 @@ from .baselines import BaselineStore
 from .environment import device_class
 from .options import DitConfig
 from .profile import RedundancyProfile
-from .runner import RunSettings, profile_model, settings_for
+from .paper import PAPER_SETUPS
+from .runner import RunSettings, profile_model, protocol_spec, settings_for
 from .shard import shard_range
 from .zoo.loading import load_model, resolve_device, resolve_spec
 from .zoo.registry import ModelSpec, tiny_model_names
@@ -39,11 +40,13 @@ class PipelineSlot:
     seed: int
     name: str | None = None
     pipeline: Any = None
+    protocol: str = "project"  # the paper protocol loads the study's dtype on a GPU
 
     def get(self, spec: ModelSpec) -> Any:
         if self.name != spec.name:
             self.release()
-            self.pipeline = load_model(spec, device=self.device, dtype=self.dtype, seed=self.seed)
+            self.pipeline = load_model(protocol_spec(spec, self.protocol), device=self.device, dtype=self.dtype,
+                                       seed=self.seed)
             self.name = spec.name
         return self.pipeline
 
@@ -71,12 +74,17 @@ class DitSession:
 
     @classmethod
     def from_config(cls, config: DitConfig) -> "DitSession":
-        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed)
+        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed, protocol=config.protocol)
         return cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
 
     # -- models -------------------------------------------------------------------------------------------
     def selected_models(self) -> list[str]:
-        return list(self.config.models) or tiny_model_names()
+        """``--dit-model``, else every tiny model (under the paper protocol: the tiny twins of the study's seven)."""
+        if self.config.models:
+            return list(self.config.models)
+        if self.config.protocol == "paper":
+            return [name for name in tiny_model_names() if resolve_spec(name).family in PAPER_SETUPS]
+        return tiny_model_names()
 
     @property
     def device(self) -> torch.device:
@@ -89,11 +97,12 @@ class DitSession:
     # -- profiles -----------------------------------------------------------------------------------------
     def settings(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RunSettings:
         return settings_for(spec, steps=steps or self.config.steps, scheduler=scheduler or self.config.scheduler,
-                            seed=self.config.seed, num_prompts=self.config.num_prompts)
+                            seed=self.config.noise_seed, num_prompts=self.config.num_prompts,
+                            protocol=self.config.protocol)
 
     def settings_key(self, settings: RunSettings) -> str:
-        digest = self.config.prompt_digest
-        return settings.key() + (f"-prompts{digest}" if digest else "")
+        tag = self.config.prompt_tag
+        return settings.key() + (f"-{tag}" if tag else "")
 
     def profile(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RedundancyProfile:
         """The profile of ``spec`` under the session settings (computed once per session and settings)."""
@@ -104,9 +113,10 @@ class DitSession:
             start, end = shard_range(len(self.config.prompts), self.config.shard)  # seeds stay seed + global index
             self.profiles[key] = profile_model(
                 pipe, prompts=list(self.config.prompts[start:end]), steps=settings.steps, scheduler=settings.scheduler,
-                seed=self.config.seed, batch_size=self.config.batch_size, height=settings.height,
+                seed=settings.seed, batch_size=self.config.batch_size, height=settings.height,
                 width=settings.width, num_frames=settings.num_frames, guidance_scale=settings.guidance_scale,
                 progress=self._progress_callback(spec.name, settings), prompt_offset=start,
+                protocol=settings.protocol,
             )
         self.touched.setdefault(key, (spec, settings))
         return self.profiles[key]

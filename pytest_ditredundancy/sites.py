@@ -36,25 +36,63 @@ from torch import nn
 KINDS = ("k", "v", "a", "k_text", "v_text", "a_text")
 DEFAULT_KINDS = KINDS
 
-#: Picks the captured tensor out of a module's forward output (``None``: the output itself).
-Selector = Callable[[Any], "torch.Tensor | None"]
+#: Picks the captured tensor out of a module's forward output (``None``: the output itself). A site with a
+#: ``context`` module is called as ``select(output, call)`` with that module's running :class:`ModuleCall`.
+Selector = Callable[..., "torch.Tensor | None"]
 
 
 class FusedProjectionError(RuntimeError):
     """The transformer computes Q, K and V in one fused projection, so a K or V hook would never fire."""
 
 
+@dataclass(frozen=True)
+class ModuleCall:
+    """The arguments of a module call in progress (read by a forward pre-hook), e.g. the rotary embedding and
+    the text states an attention module was called with, for sites whose tensor depends on them."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+    def argument(self, name: str) -> Any:
+        """The value passed for parameter ``name`` of the module's ``forward`` (``None`` when not passed)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if not self.args:
+            return None
+        import inspect
+
+        try:
+            bound = inspect.signature(self.module.forward).bind_partial(*self.args, **self.kwargs)
+        except (TypeError, ValueError):
+            return None
+        return bound.arguments.get(name)
+
+
 @dataclass(frozen=True, eq=False)
 class CaptureSite:
-    """One (layer, kind) series: ``module``'s output, through ``select`` if given."""
+    """One (layer, kind) series: ``module``'s output (``read="input"``: its first positional input), through
+    ``select`` if given. With ``context``, ``select`` also receives that module's running call
+    (:class:`ModuleCall`), e.g. an attention module's ``image_rotary_emb`` for a site on its ``norm_k``."""
 
     layer: str
     kind: str
     module: nn.Module
     select: Selector | None = None
+    read: str = "output"
+    context: nn.Module | None = None
 
-    def tensor(self, output: Any) -> torch.Tensor | None:
-        value = self.select(output) if self.select is not None else output
+    def __post_init__(self) -> None:
+        if self.read not in ("output", "input"):
+            raise ValueError(f"CaptureSite.read must be 'output' or 'input', got {self.read!r}")
+
+    def tensor(self, output: Any, call: ModuleCall | None = None) -> torch.Tensor | None:
+        if self.select is None:
+            value = output
+        elif self.context is not None:
+            value = self.select(output, call)
+        else:
+            value = self.select(output)
         return value if isinstance(value, torch.Tensor) else None
 
 

@@ -143,6 +143,9 @@ class CacheCheck:
         """Measure, compare with the baseline (or store it with ``--dit-update-baselines``), record."""
         if getattr(self.session.config, "shard", None):
             pytest.skip("the cache gate runs every prompt: run it without --dit-shard")
+        if getattr(self.session.config, "protocol", "project") != "project":
+            pytest.skip("the cache gate runs on the project's protocol (every attention layer, prompt i seeded "
+                        "seed + i): run it without --dit-protocol=paper")
         try:
             require_scikit_image()
         except QualityDependencyError as exc:

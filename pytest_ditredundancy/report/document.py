@@ -118,8 +118,13 @@ def bounds_text(records: list[dict[str, Any]]) -> str:
     return " ".join(texts[:2]) + (" …" if len(texts) > 2 else "")
 
 
+#: how the report names each protocol
+PROTOCOL_TITLES = {"project": "project (this package's definitions)",
+                   "paper": "paper (the study's protocol, exactly)"}
+
+
 def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: dict[str, Any],
-                 spec_info: dict[str, Any], paper: list[str], deferred: int) -> dict[str, Any]:
+                 spec_info: dict[str, Any], paper: list[str], deferred: int, protocol: str = "project") -> dict[str, Any]:
     suites: dict[str, dict[str, Any]] = {}
     for record in records:
         suites.setdefault(record["suite"], {"records": []})["records"].append(record)
@@ -138,7 +143,9 @@ def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: 
         status = "deferred" if deferred else ("no results" if not summaries else "profiled")
     family = spec_info.get("family", "")
     cvs = [r for r in suites.get("prompt_stability", {}).get("records", []) if r.get("paper_cv") is not None]
+    protocols = sorted({item.get("protocol") or "project" for item in [*summaries, *records]})
     return {"model": model, "family": family, "in_paper": bool(spec_info.get("in_paper")),
+            "protocol": ", ".join(protocols) or protocol,
             "paper_family": family in paper, "status": status, "suites": ordered,
             "paper_cv": {r.get("kind", "?"): r["paper_cv"] for r in cvs},
             "tests": {"total": len(own_tests), "bad": bad},
@@ -168,9 +175,10 @@ def build_document(*, run: dict[str, Any], records: list[dict[str, Any]], summar
         spec_info.setdefault(record["model"], {"family": record.get("family", "")})
     paper = paper_families()
     deferred_models = {d["model"] for d in deferred or ()}
+    protocol = run.get("protocol") or "project"
     entries = [_model_entry(m, [r for r in records if r["model"] == m and r["suite"] != "model_distinctness"],
                             [s for s in summaries if s["model"] == m], tests, spec_info.get(m, {}), paper,
-                            int(m in deferred_models)) for m in models]
+                            int(m in deferred_models), protocol) for m in models]
     cross = [r for r in records if r["suite"] == "model_distinctness"]
     failed = sum(e["status"] == "failed" for e in entries) + sum(not r["passed"] for r in cross)
     doc = {
@@ -181,6 +189,7 @@ def build_document(*, run: dict[str, Any], records: list[dict[str, Any]], summar
         "status": "failed" if failed or tests["missing"] or counts.get("failed") or counts.get("error") else "passed",
         "run": run, "environment": environment,
         "paper": {"cv_range": list(PAPER_CV_RANGE), "families": paper},
+        "protocol": protocol, "protocol_titles": dict(PROTOCOL_TITLES),
         "models": entries, "cross_model": cross, "records": records, "tests": tests,
         "shard": shard,
     }

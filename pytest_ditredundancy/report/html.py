@@ -26,6 +26,7 @@ def _environment() -> Environment:
     env.filters["num"] = _num
     env.filters["kind"] = kind_label
     env.filters["pct"] = lambda v: "–" if v is None else f"{v:.0%}"
+    env.filters["pct1"] = lambda v: "–" if v is None else f"{v:.1%}"
     return env
 
 

@@ -67,6 +67,7 @@ def profile_summary(profile: RedundancyProfile, *, model: str, family: str, in_p
     meta = profile.metadata
     summary: dict[str, Any] = {
         "model": model, "family": family, "in_paper": bool(in_paper), "settings_key": settings_key,
+        "protocol": getattr(settings, "protocol", "project"),
         "label": variant_label(settings, default), "is_default": is_default, "settings": dict(settings.__dict__),
         "branch": branch, "branches": list(profile.branches), "kinds": list(profile.kinds),
         "layers": list(profile.layers), "num_prompts": profile.num_prompts, "step_pairs": profile.num_step_pairs,

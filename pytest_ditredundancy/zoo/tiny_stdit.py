@@ -48,19 +48,24 @@ def _rope(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Self-attention with one fused ``qkv`` projection laid out ``[Q | K | V]``, like Open-Sora's."""
+    """Self-attention with one fused ``qkv`` projection laid out ``[Q | K | V]``, like Open-Sora's, with its
+    attribute layout: ``q_norm``/``k_norm`` modules (identities here: Open-Sora's ``qk_norm=False``) and, in
+    temporal blocks, ``rope`` true and ``rotary_emb`` the rotary function applied after them."""
 
     def __init__(self, dim: int, heads: int, rope: bool = False) -> None:
         super().__init__()
         self.heads, self.rope = heads, rope
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.rotary_emb = _rope if rope else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            q, k = _rope(q), _rope(k)
+            q, k = self.rotary_emb(q), self.rotary_emb(k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -236,10 +241,12 @@ class RectifiedFlowLoop:
             self.text_encoder.to(device, dtype)
         return self
 
-    def timesteps(self, steps: int, height: int, width: int, num_frames: int) -> list[float]:
-        """``(1 - i/steps) * 1000``; with the transform, Open-Sora's resolution/length shift toward noise."""
+    def timesteps(self, steps: int, height: int, width: int, num_frames: int,
+                  transform: bool | None = None) -> list[float]:
+        """``(1 - i/steps) * 1000``; with the transform (``transform``, else the loop's
+        ``use_timestep_transform``), Open-Sora's resolution/length shift."""
         values = [(1.0 - i / steps) * self.num_timesteps for i in range(steps)]
-        if not self.use_timestep_transform:
+        if not (self.use_timestep_transform if transform is None else transform):
             return values
         frames = 1 if num_frames == 1 else max(num_frames // 17 * 5, 1)
         ratio = math.sqrt(height * width / 512**2) * math.sqrt(frames)
@@ -249,22 +256,27 @@ class RectifiedFlowLoop:
     @torch.no_grad()
     def run(self, prompts: list[str], *, num_inference_steps: int, guidance_scale: float | None = None,
             generators: list[torch.Generator], end_step: Callable[[Any], None] = lambda t: None,
-            height: int | None = None, width: int | None = None, num_frames: int | None = None) -> torch.Tensor:
-        """Sample latents ``(B, C, F, H, W)`` for ``prompts``; prompt ``i``'s noise comes from ``generators[i]``."""
+            height: int | None = None, width: int | None = None, num_frames: int | None = None,
+            use_timestep_transform: bool | None = None, aes: float | None = None) -> torch.Tensor:
+        """Sample latents ``(B, C, F, H, W)`` for ``prompts``; prompt ``i``'s noise comes from ``generators[i]``
+        (drawn on the generator's device). ``use_timestep_transform`` overrides the loop's setting for this run;
+        ``aes`` appends Open-Sora 1.2's aesthetic-score suffix (`` aesthetic score: 6.5.``) to every prompt."""
         if len(generators) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need as many generators, got {len(generators)}")
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         frames, height, width = num_frames or self.size[0], height or self.size[1], width or self.size[2]
         device, n = self.device, len(prompts)
         shape = (self.latent_channels, *self.latent_size(frames, height, width))
-        z = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+        z = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in generators])
+        if aes is not None:
+            prompts = [p if "aesthetic score:" in p else f"{p} aesthetic score: {aes:.1f}." for p in prompts]
         text = {k: v.to(device) for k, v in self.text_encoder.encode(prompts).items()}
         guided = scale > 1
         y = torch.cat([text["y"], self.text_encoder.null(n).to(device)]) if guided else text["y"]
         rows = 2 * n if guided else n
         sizes = {k: torch.full((rows,), float(v), device=device)
                  for k, v in (("height", height), ("width", width), ("num_frames", frames), ("fps", self.fps))}
-        times = self.timesteps(num_inference_steps, height, width, frames)
+        times = self.timesteps(num_inference_steps, height, width, frames, use_timestep_transform)
         for i, value in enumerate(times):
             t = torch.full((rows,), value, device=device)
             out = self.transformer(torch.cat([z, z]) if guided else z, t, y=y, mask=text.get("mask"), **sizes)
