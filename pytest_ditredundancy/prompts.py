@@ -6,7 +6,9 @@ Named sets (:data:`PROMPT_SETS`, ``--dit-prompts=NAME``):
 * ``default`` — the 72 captions written for this package (:func:`default_prompts`);
 * ``coco1000`` — the 1000 MS-COCO captions the redundancy study ran (``data/coco_caption1000.txt``, CC BY 4.0,
   attribution in ``data/README.md``), each exactly the string the study passed to its pipelines: the line
-  without its newline, leading or trailing spaces kept.
+  without its newline, leading or trailing spaces kept;
+* ``shapes`` — every caption of the procedural shapes data the ``trained-*`` models learnt, in a seeded order
+  (:func:`shape_prompts`; the trained models' suites and cache gate run on it).
 
 A subset of a set is always its first ``n`` prompts (:func:`select_prompts`): deterministic, nested (a larger
 subset contains every smaller one) and the study's own choice (its statistics use captions 0-9).
@@ -38,10 +40,24 @@ def coco_prompts() -> list[str]:
     return [line for line in text.split("\n") if line.strip()]
 
 
+def shape_prompts() -> list[str]:
+    """Every caption of the trained models' procedural shapes data, in a seeded order.
+
+    The trained models understand only these words, and the cache gate scores prompt adherence on them. The
+    order is a fixed shuffle (seed 0) so that any first ``n`` mixes shapes, colours, sizes and places."""
+    import numpy as np
+
+    from .training.shapes import all_captions
+
+    captions = all_captions()
+    return [captions[i] for i in np.random.default_rng(0).permutation(len(captions))]
+
+
 #: Named prompt sets: name -> (loader, one-line description).
 PROMPT_SETS = {
     "default": (default_prompts, "the 72 captions written for this package"),
     "coco1000": (coco_prompts, "the 1000 MS-COCO captions of the redundancy study (CC BY 4.0)"),
+    "shapes": (shape_prompts, "the captions of the trained models' procedural shapes data (seeded order)"),
 }
 
 

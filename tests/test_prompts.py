@@ -112,3 +112,13 @@ def test_named_set_key_and_prompts(tmp_path):
     paper = DitSession.from_config(replace(config, protocol="paper"))
     assert paper.settings_key(paper.settings(get_spec("tiny-pixart-alpha"))) == \
         "paper-steps20-dpm-solver-seed42-p4-32x32-g4.5-coco1000"
+
+
+def test_shapes_set_holds_every_caption_in_a_mixed_seeded_order():
+    from pytest_ditredundancy.prompts import named_prompts
+    from pytest_ditredundancy.training.shapes import all_captions, parse_caption
+
+    shapes = named_prompts("shapes")
+    assert sorted(shapes) == sorted(all_captions()) and shapes == named_prompts("shapes")
+    first = [parse_caption(c) for c in shapes[:8]]  # the default --dit-num-prompts
+    assert len({s.shape for s in first}) == 3 and len({s.colour for s in first}) >= 3
