@@ -84,6 +84,23 @@ def test_fine_tuned_checkpoint_differs_from_its_base(trained):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_specs_name_their_weights_inside_the_package():
+    """Checkpoints are package-relative, so profiles and baselines never carry one machine's path."""
+    from dataclasses import replace
+
+    from pytest_ditredundancy.zoo.registry import get_spec
+    from pytest_ditredundancy.zoo.trained import shipped_weights
+
+    for name in TRAINED:
+        spec = get_spec(name)
+        assert spec.trained and spec.checkpoint == f"pytest_ditredundancy/weights/{name}"
+        assert shipped_weights(spec) == WEIGHTS / name
+    with pytest.raises(ValueError, match="must start with"):
+        shipped_weights(replace(get_spec("trained-sd3"), checkpoint="/somewhere/else"))
+    with pytest.raises(FileNotFoundError, match="retrain with"):
+        shipped_weights(replace(get_spec("trained-sd3"), checkpoint="pytest_ditredundancy/weights/missing"))
+
+
 def test_shipped_weights_fit_the_budget():
     files = [p for p in WEIGHTS.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)

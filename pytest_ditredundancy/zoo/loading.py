@@ -124,7 +124,12 @@ def _from_pretrained(spec: ModelSpec, torch_dtype: torch.dtype) -> Any:
 
     cls = getattr(diffusers, spec.pipeline_class, None) or diffusers.DiffusionPipeline
     try:
-        return cls.from_pretrained(spec.checkpoint, torch_dtype=torch_dtype)
+        source = spec.checkpoint
+        if spec.trained:  # a package-relative name, so profiles and baselines do not carry one machine's path
+            from .trained import shipped_weights
+
+            source = str(shipped_weights(spec))
+        return cls.from_pretrained(source, torch_dtype=torch_dtype)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(
             f"could not load {spec.name!r} from {spec.checkpoint!r}: {exc}\n"
