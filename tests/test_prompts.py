@@ -57,7 +57,7 @@ def test_coco1000_is_the_study_caption_set_verbatim():
     assert prompts[0] == "A man with a red helmet on a small moped on a dirt road. "  # the study's line[:-1]
     assert prompts[-1] == "A pink pitcher filled with long stemmed flowers."
     assert prompts == raw.decode("utf-8").split("\n")[:-1]
-    assert set(PROMPT_SETS) == {"default", "coco1000"} and named_prompts("default") == default_prompts()
+    assert set(PROMPT_SETS) == {"default", "coco1000", "shapes"} and named_prompts("default") == default_prompts()
     with pytest.raises(PromptFileError, match="named sets: default, coco1000"):
         named_prompts("coco2017")
 
