@@ -10,6 +10,8 @@ package's ``weights/`` folder, ``--weights`` reads the runs this one depends on 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -37,7 +39,24 @@ def train(name: str, out: Path | None = None, steps: int | None = None, weights:
     ``steps``, ``batch_size`` and ``pool_size`` (DiTs: how many samples are encoded once) override the
     recipe, for quick smoke runs; the shipped weights use the recipes as they are.
     """
+    if name not in NAMES:
+        raise ValueError(f"unknown model {name!r}; train one of: {', '.join(NAMES)}")
     out = Path(out) if out is not None else weights / name
+    if out.exists() and not (out / "training.json").is_file():
+        raise FileExistsError(f"{out} exists and holds no earlier training run (no training.json); it would be "
+                              "replaced: pass a new or empty folder as --out")
+    partial = out.parent / f".{out.name}.partial"  # written in full first: an interrupted run leaves `out` intact
+    if partial.exists():
+        shutil.rmtree(partial)
+    result = _train_into(name, partial, steps, weights, batch_size, pool_size)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return result
+
+
+def _train_into(name: str, out: Path, steps: int | None, weights: Path, batch_size: int | None,
+                pool_size: int | None) -> dict:
     if name == "vae":
         from .training.vae import VaeRecipe, train_vae
 
@@ -46,14 +65,12 @@ def train(name: str, out: Path | None = None, steps: int | None = None, weights:
         from .training.classifier import ClassifierRecipe, train_classifier
 
         return train_classifier(_with_steps(ClassifierRecipe(), steps, batch_size), out)
-    if name in ("trained-pixart", "trained-sd3", "trained-pixart-ft"):
-        from .training.dit import RECIPES, train_dit
+    from .training.dit import RECIPES, train_dit
 
-        recipe = _with_steps(RECIPES[name], steps, batch_size)
-        if pool_size is not None:
-            recipe = replace(recipe, pool_size=pool_size)
-        return train_dit(recipe, out, weights)
-    raise SystemExit(f"unknown model {name!r}; train one of: {', '.join(NAMES)}")
+    recipe = _with_steps(RECIPES[name], steps, batch_size)
+    if pool_size is not None:
+        recipe = replace(recipe, pool_size=pool_size)
+    return train_dit(recipe, out, weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,3 +135,10 @@ def test_training_rejects_bad_requests(tmp_path, capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="train vae"):
         main(["trained-pixart", "--steps", "1", "--weights", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # a failed run leaves nothing half-written behind
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("not a model")
+    with pytest.raises(FileExistsError, match="pass a new or empty folder"):
+        main(["vae", "--steps", "1", "--out", str(keep)])
+    assert (keep / "mine.txt").is_file()
