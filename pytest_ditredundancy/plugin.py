@@ -257,19 +257,24 @@ def summary_lines(records: list[dict]) -> list[str]:
     lines = []
     for model, entries in by_model.items():
         parts = []
-        cvs = [f"{e['kind']}={e['value']:.3f}" for e in entries
+        judged = [e for e in entries if e.get("question") not in ("claim", "info")]
+        cvs = [f"{e['kind']}={e['value']:.3f}" for e in judged
                if e["suite"] == "prompt_stability" and e.get("value") is not None]
         if cvs:
             parts.append("CV " + " ".join(cvs))
         for suite, label in (("step_stability", "steps r>="), ("scheduler_stability", "schedulers r>=")):
-            values = [e["value"] for e in entries if e["suite"] == suite and e.get("value") is not None]
+            values = [e["value"] for e in judged if e["suite"] == suite and e.get("value") is not None]
             if values:
                 parts.append(f"{label}{min(values):.3f}")
         drift = [e for e in entries if e["suite"] == "baseline_regression"]
         if drift:
             parts.append(f"baseline drift {int(drift[-1]['value'] or 0)} cells")
         parts += [f"cache {e['strategy']} PSNR {e['value']:.1f} skip {e['skipped']['attention']:.0%} "
-                  f"x{e['speedup']:.2f}" for e in entries if e["suite"] == "cache_gate" and e.get("value") is not None]
+                  f"x{e['speedup']:.2f}" + (f" adherence {e['adherence']['cached']:.0%}" if e.get("adherence") else "")
+                  for e in entries if e["suite"] == "cache_gate" and e.get("value") is not None]
+        broken = sum(e.get("question") == "claim" and e.get("met") is False for e in entries)
+        if broken:
+            parts.append(f"{broken} stability claim{'s' if broken != 1 else ''} not met")
         failed = sum(not e["passed"] for e in entries)
         lines.append(f"{model}: {'FAIL' if failed else 'ok'}; " + "; ".join(parts))
     if pairs:
