@@ -66,6 +66,8 @@ def make_scheduler(name: str, base: Any) -> Any:
     config = dict(base.config)
     if cls.__name__.startswith("FlowMatch") or overrides.get("use_flow_sigmas"):
         config.pop("prediction_type", None)  # flow schedulers predict velocity; keep the model's shift settings
+    if overrides.get("use_flow_sigmas") and "shift" in config and "flow_shift" not in config:
+        config["flow_shift"] = config["shift"]  # DPM-Solver/UniPC read the flow-matching shift as flow_shift
     return cls.from_config(config, **overrides)
 
 

@@ -246,3 +246,12 @@ def test_a_recorded_scheduler_compares_equal_after_any_file_round_trip():
     assert comparable_scheduler(recorded) != comparable_scheduler({**recorded, "class": "Y"})
     assert comparable_scheduler(recorded) != comparable_scheduler({"class": "X", "config": {**recorded["config"],
                                                                                            "beta_end": 0.021}})
+
+
+def test_flow_dpm_solver_keeps_the_flow_models_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pytest_ditredundancy.schedulers import make_scheduler
+
+    swapped = make_scheduler("flow-dpm-solver", FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert swapped.config.flow_shift == 3.0  # it reads flow_shift and would silently sample shift 1
