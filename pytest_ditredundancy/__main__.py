@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--profiles-dir", type=Path, help="write one merged profile per model and settings here "
                                                      "(<dir>/<model>/<settings key>.json)")
     m.add_argument("--baseline-dir", type=Path, help="baselines to judge against (default: the shards' "
-                                                     "--dit-baseline-dir)")
+                                                     "--dit-baseline-dir, relative to the directory the merge "
+                                                     "runs in, e.g. the root of a checkout)")
     p = commands.add_parser("plan", help="capture sites and memory of a full-size model, built without weights",
                             description="Build the real transformer of a registered model on the meta device "
                                         "(no weights, no memory), list its capture sites and the capture's memory "
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as exc:
         print(f"merge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a report location that cannot be written
+        print(f"merge: error: {exc}", file=sys.stderr)
+        return 2
+    baselines = args.baseline_dir or Path(doc["run"]["baseline_dir"])
+    if not baselines.is_dir():
+        print(f"merge: note: no baseline directory {baselines} here (the shards' --dit-baseline-dir, relative to the "
+              "directory the merge runs in): run the merge from the root of the checkout, or pass --baseline-dir",
+              file=sys.stderr)
     for entry in doc["models"]:
         print(f"{entry['model']}: {entry['status']}; " + "; ".join(
             f"{suite['title']} {'ok' if suite['passed'] else 'FAIL'} ({suite['headline']})"

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .baseline_schema import SchemaProblem, validate_baseline
-from .io import atomic_write_text, plain
+from .io import atomic_write_text, plain, stale_temporaries
 from .tolerances import Tolerance, default_table, resolve
 
 SCHEMA = "pytest-ditredundancy/baseline"
@@ -169,19 +169,35 @@ def read_baseline_file(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path`` (read-merge-write by parallel workers stays consistent)."""
+    """An exclusive lock beside ``path`` (read-merge-write by parallel workers stays consistent).
+
+    Nothing stays behind in the baseline directory: the holder removes the lock file before releasing it
+    (a waiter that then holds the lock of a removed file sees so and locks the path's new file), and removes
+    the temporaries a writer killed mid-write left (no other writer of ``path`` is active under the lock).
+    Both kinds of file are in .gitignore too."""
     lock_path = path.with_name(f".{path.name}.lock")
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no fcntl; per-model files keep workers apart there
-            yield
+    try:
+        import fcntl
+    except ImportError:  # Windows: no fcntl; per-model files keep workers apart there
+        yield
+        return
+    while True:
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue  # the previous holder removed this file: lock the one at the path now
+            try:
+                for stale in stale_temporaries(path):
+                    stale.unlink(missing_ok=True)
+                yield
+            finally:
+                lock_path.unlink(missing_ok=True)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def profile_section(kinds: list[str], layers: list[str], mean: np.ndarray, spread: np.ndarray, *,

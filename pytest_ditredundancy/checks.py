@@ -19,6 +19,7 @@ from . import statistics as stats
 from . import verdicts
 from .baselines import Baseline, BaselineError, _rounded, profile_section
 from .io import plain
+from .relay import emit
 from .runner import RunSettings
 from .schedulers import comparable_scheduler, compatible_schedulers, scheduler_rejection
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
@@ -79,7 +80,10 @@ class SuiteCheck:
                  "value": None if value is None or not np.isfinite(value) else float(value),
                  "bounds": bounds, "passed": bool(passed), "nodeid": self.item.nodeid,
                  "protocol": self.settings.protocol, **details}
-        self.item.user_properties.append((RECORD_KEY, entry))
+        emit(self.item, RECORD_KEY, entry)
+
+    def _whose(self) -> str:
+        return "" if self.baseline_name == self.spec.name else f" (the baseline of {self.baseline_name})"
 
     def tolerance(self, baseline: Baseline | None) -> Tolerance:
         level, device_class = self.session.config.tolerance, self.session.device_class
@@ -91,7 +95,7 @@ class SuiteCheck:
         except BaselineError as exc:
             pytest.fail(str(exc), pytrace=False)
         if baseline is not None:
-            self.item.user_properties.append((BASELINE_USED_KEY, str(baseline.path)))
+            emit(self.item, BASELINE_USED_KEY, str(baseline.path))
             self._check_settings(baseline)
             self._warn_on_device_mismatch(baseline)
         return baseline
@@ -101,13 +105,13 @@ class SuiteCheck:
         stored = baseline.metadata.get("settings")
         if not isinstance(stored, dict):
             pytest.fail(f"baseline {baseline.path} does not record its run settings (metadata.settings); re-create it "
-                        f"with:\n    {self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
+                        f"with:\n    {self.session.command(self.spec, '--dit-update-baselines')}", pytrace=False)
         current = plain(self.settings.__dict__, _rounded)
         differ = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in current.items() if stored.get(k) != v]
         if differ:
             pytest.fail(f"baseline {baseline.path} was recorded with other settings ({'; '.join(differ)}): its numbers "
                         "are not comparable with this run. Restore the right file, or re-create it with:\n    "
-                        f"{self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
+                        f"{self.session.command(self.spec, '--dit-update-baselines')}", pytrace=False)
 
     def _warn_on_device_mismatch(self, baseline: Baseline) -> None:
         stored_class, stored_dtype = baseline.metadata.get("device_class"), baseline.metadata.get("dtype")
@@ -119,8 +123,8 @@ class SuiteCheck:
                 "in the baseline"), stacklevel=2)
 
     def missing(self, suite: str) -> None:
-        command = self.session.config.command(self.spec.name, "--dit-update-baselines", f"-k {suite}")
-        pytest.fail(f"no {suite} baseline for {self.baseline_name} with settings {self.key} in "
+        command = self.session.command(self.spec, "--dit-update-baselines", f"-k {suite}")
+        pytest.fail(f"no {suite} baseline for {self.spec.name}{self._whose()} with settings {self.key} in "
                     f"{self.session.store.path_for(self.baseline_name, self.key)}.\nCreate it with:\n    {command}\n"
                     "(or judge the model by the paper's stability claims alone with --dit-enforce-claims)",
                     pytrace=False)
@@ -133,7 +137,7 @@ class SuiteCheck:
             path = self.session.store.update(self.baseline_name, self.key, sections={section: value}, metadata=metadata)
         except BaselineError as exc:
             pytest.fail(str(exc), pytrace=False)
-        self.item.user_properties.append((BASELINE_USED_KEY, str(path)))
+        emit(self.item, BASELINE_USED_KEY, str(path))
 
     def _stored(self, suite: str) -> tuple[dict | None, Tolerance]:
         """The stored section of ``suite`` (None: no baseline, and the claims judge alone) and the tolerance."""
@@ -269,8 +273,11 @@ class SuiteCheck:
                                                self.tolerance(baseline))
         self.record(finding.suite, finding.statistic, finding.value, finding.bounds, finding.passed, **finding.details)
         if drifts:
-            pytest.fail(f"{self.spec.name} drifted from its baseline {baseline.path.name} ({metric}, branch {branch}, "
-                        f"{self.session.config.tolerance} tolerance):\n" + finding.message, pytrace=False)
+            whose = "its baseline" if self.baseline_name == self.spec.name else f"the baseline of {self.baseline_name}"
+            fix = self.session.command(self.spec, "--dit-update-baselines", "-k baseline_regression")
+            pytest.fail(f"{self.spec.name} drifted from {whose} {baseline.path.name} ({metric}, branch {branch}, "
+                        f"{self.session.config.tolerance} tolerance):\n" + finding.message
+                        + f"\nIf the change is intended, update the baseline:\n    {fix}", pytrace=False)
         return drifts
 
     def _check_checkpoint_scheduler(self, baseline: Baseline, profile) -> None:
@@ -292,10 +299,10 @@ class SuiteCheck:
         pytest.fail(f"{self.spec.name} ships another scheduler than its baseline {baseline.path.name} ({problem}). "
                     "Profiles run with the scheduler the settings name, so this change would not show in the numbers; "
                     "if it is intended, re-create the baseline:\n    "
-                    f"{self.session.config.command(self.spec.name, '--dit-update-baselines')}", pytrace=False)
+                    f"{self.session.command(self.spec, '--dit-update-baselines')}", pytrace=False)
 
     def _check_layout(self, baseline: Baseline, kinds: list[str], layers: list[str], steps: int, profile) -> None:
-        fix = f"if the model changed on purpose, re-create it:\n    {self.session.config.command(self.spec.name, '--dit-update-baselines')}"
+        fix = f"if the model changed on purpose, re-create it:\n    {self.session.command(self.spec, '--dit-update-baselines')}"
         if len(layers) != len(profile.layers) or layers != profile.layers:
             pytest.fail(f"baseline {baseline.path} has {len(layers)} attention layers, {self.spec.name} now has "
                         f"{len(profile.layers)} (first difference: "
@@ -331,11 +338,11 @@ def model_distinctness(session: DitSession, item: pytest.Item) -> list[stats.Dis
         for b in signatures[i + 1:]:
             result = stats.distinctness(a, b)
             ok = result.ratio > 1.0
-            item.user_properties.append((RECORD_KEY, {
+            emit(item, RECORD_KEY, {
                 "model": f"{result.model_a} vs {result.model_b}", "family": "", "suite": "model_distinctness",
                 "statistic": "between/within", "value": float(result.ratio) if np.isfinite(result.ratio) else None,
                 "bounds": [1.0, None], "passed": ok, "nodeid": item.nodeid, "between": result.between,
-                "within": [result.within_a, result.within_b], "protocol": session.config.protocol}))
+                "within": [result.within_a, result.within_b], "protocol": session.config.protocol})
             results.append(result)
             if not ok:
                 failures.append(f"  {result.model_a} vs {result.model_b}: distance {fmt(result.between)} <= prompt "

@@ -1,8 +1,11 @@
 """pytest-xdist support: one worker per GPU, CPU cores split between workers, progress that reaches the user.
 
-The controller hands out devices as it configures nodes (``pytest_configure_node``) and takes a device back
-when its node goes down, so the replacement of a crashed worker gets a free GPU rather than one derived from
-its ``gwN`` number. ``-n auto`` starts one worker per visible GPU when CUDA is available.
+When the plugin is on from the start (a ``--dit-*`` option or ``dit_*`` ini key), the controller hands out
+devices as it configures nodes (``pytest_configure_node``) and takes a device back when its node goes down,
+so the replacement of a crashed worker gets a free GPU rather than one derived from its ``gwN`` number, and
+``-n auto`` starts one worker per visible GPU when CUDA is available. When only the collected tests turn the
+plugin on (``pytest suites -n 2``), the controller has not looked at GPUs: each worker then takes GPU
+``N mod count`` itself, and ``-n auto`` is xdist's own default. Test data travels in ``relay``.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ class XdistHooks:
             collector.add_collected(list(ids))
 
 
+def is_controller(config: pytest.Config) -> bool:
+    """Whether this process is an xdist controller (it runs no tests; xdist's own test for starting one)."""
+    if hasattr(config, "workerinput"):
+        return False
+    return getattr(config.option, "dist", "no") != "no" and not getattr(config.option, "collectonly", False)
+
+
 def register_xdist_hooks(config: pytest.Config) -> None:
     """Called before xdist reads ``-n auto``; a no-op without xdist (or with ``-p no:xdist``)."""
     if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.has_plugin(XDIST_PLUGIN_NAME):
@@ -104,13 +114,19 @@ def register_xdist_hooks(config: pytest.Config) -> None:
 
 
 def configure_worker(config: pytest.Config, cfg: DitConfig) -> DitConfig:
-    """On an xdist worker: take the device the controller assigned, and on CPU use this worker's share of the
-    cores (two workers each using every core would slow both down)."""
+    """On an xdist worker: take the device the controller assigned (else GPU ``N mod count``), and on CPU use
+    this worker's share of the cores (two workers each using every core would slow both down). Runs when the
+    plugin turns on, never in a run that does not use it."""
     workerinput = getattr(config, "workerinput", None)
     if not workerinput:
         return cfg
     if workerinput.get("dit_device"):
         cfg = replace(cfg, device=workerinput["dit_device"])
+    else:  # the controller assigned none: it saw no GPU, or the plugin was off there (turned on by collection)
+        gpus = gpu_devices(cfg.device)
+        if gpus:
+            index = int(str(workerinput.get("workerid", "gw0"))[2:] or 0)
+            cfg = replace(cfg, device=gpus[index % len(gpus)])
     if cfg.device == "cpu" or (cfg.device == "auto" and not workerinput.get("dit_device") and not _cuda()):
         import torch
 

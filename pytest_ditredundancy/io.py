@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
+
+
+def temporary_name(path: Path) -> Path:
+    """Where :func:`atomic_write_text` writes ``path`` first: ``.<name>.<random>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporary files of ``path`` left by writers that died before their ``os.replace``."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
 
     Readers see either the old file or the new one, never a partial write, and a failure leaves the old
-    file untouched.
+    file untouched. The file keeps the mode of the file it replaces, and a new file gets the usual mode
+    (0666 less the umask, like any file the user creates), not a temporary file's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
         try:

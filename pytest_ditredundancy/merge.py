@@ -23,6 +23,7 @@ from .baselines import Baseline, BaselineError, BaselineStore, read_baseline_fil
 from .checks import SuiteCheck, model_distinctness
 from .options import DitConfig
 from .profile import ProfileMetadata, RedundancyProfile
+from .relay import emitted
 from .report.document import SCHEMA, build_document, write_json
 from .report.html import write_html
 from .report.summary import profile_summary
@@ -191,6 +192,9 @@ class MergeSession(DitSession):
         return torch.device(self.device_name)
 
     def spec(self, model: str) -> ModelSpec:
+        """A model by name, or as the shards' user typed it (``--dit-model=./ckpt``)."""
+        if model not in self.specs:
+            model = next((name for name, typed in self.references.items() if typed == model), model)
         if model not in self.specs:
             raise MergeError(f"no shard profiled {model}")
         return self.specs[model]
@@ -213,7 +217,7 @@ def replay(session: DitSession, deferred: list[dict[str, Any]]) -> tuple[list[di
             outcome, message = "skipped", str(exc.msg)
         except MergeError as exc:
             outcome, message = "error", str(exc)
-        records += [value for key, value in item.user_properties if key == RECORD_KEY]
+        records += emitted(item, RECORD_KEY)
         if results.get(call["nodeid"]) not in BAD:
             results[call["nodeid"]] = outcome
             if message:
@@ -234,9 +238,11 @@ def merge(paths: list[str | Path], *, report: Path | None = None, json_path: Pat
         for entry in shard.doc["shard_profiles"]:
             groups.setdefault((entry["model"], entry["settings_key"]), []).append(entry)
     devices = {e["profile"]["metadata"].get("device") or "cpu" for g in groups.values() for e in g}
+    check_device_classes(shards)
     specs = {model: spec_from_fields(group[0]["spec"]) for (model, _), group in groups.items()}
     session = MergeSession(config=config, store=BaselineStore(config.baseline_dir), slot=_NoPipelines("cpu", "float32", 0),
                            specs=specs, device_name=sorted(devices)[0] if devices else "cpu")
+    session.references.update({model: group[0].get("reference", model) for (model, _), group in groups.items()})
     summaries, merged = [], {}
     for (model, key), group in sorted(groups.items()):
         label = f"{model} ({key})"
@@ -249,7 +255,8 @@ def merge(paths: list[str | Path], *, report: Path | None = None, json_path: Pat
         default = session.settings(spec)
         summaries.append(profile_summary(profile, model=model, family=spec.family, in_paper=spec.in_paper,
                                          settings=settings, settings_key=key, default=default,
-                                         baseline=_baseline(session.store, model, key) if settings == default else None,
+                                         baseline=_baseline(session.store, group[0].get("baseline_name", model), key)
+                                         if settings == default else None,
                                          device_class=session.device_class))
         if profiles_dir is not None:
             profile.save(Path(profiles_dir) / safe_name(model) / f"{key}.json")
@@ -265,6 +272,22 @@ def merge(paths: list[str | Path], *, report: Path | None = None, json_path: Pat
     if json_path is not None:
         write_json(doc, json_path)
     return doc
+
+
+def check_device_classes(shards: list[Shard]) -> None:
+    """Shards must have run on one device class: tolerances are per class (CPU runs repeat to ~1e-6, GPU
+    kernels and half precision move values by percents), and one merged profile has one."""
+    classes: dict[str, list[str]] = {}
+    for shard in shards:
+        for entry in shard.doc["shard_profiles"]:
+            kind = str(entry["profile"]["metadata"].get("device") or "cpu").split(":")[0]  # cuda:3 -> cuda
+            names = classes.setdefault(kind, [])
+            if shard.path.name not in names:
+                names.append(shard.path.name)
+    if len(classes) > 1:
+        raise MergeError("shards ran on different kinds of device (" + "; ".join(
+            f"{kind} in {', '.join(names)}" for kind, names in sorted(classes.items())) + "): their values differ by "
+            "more than the tolerances of either; run every shard on one kind of device (--dit-device)")
 
 
 def _undeferred_records(shards: list[Shard], deferred: set[str]) -> list[dict[str, Any]]:

@@ -1,15 +1,15 @@
 """Per-session state: one loaded pipeline at a time, cached profiles, baseline store, and suite records.
 
-Workers (pytest-xdist) and the controller each have a :class:`DitSession`; records travel from workers to
-the controller as plain builtins in each test report's ``user_properties``, so the controller sees every
-record whatever the distribution mode.
+Workers (pytest-xdist) and the controller each have a :class:`DitSession`. Where tests run, checks emit their
+records into the test item's data (``relay.emit``), which reaches the controller's session as one packet
+per test (``relay``), whatever the distribution mode.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import pytest
@@ -22,18 +22,21 @@ from .profile import RedundancyProfile
 from .paper import PAPER_SETUPS
 from .runner import RunSettings, profile_model, protocol_spec, settings_for
 from .shard import shard_range
-from .zoo.loading import load_model, resolve_device, resolve_spec
-from .zoo.registry import ModelSpec, tiny_model_names
+from .zoo.loading import ModelLoadError, hub_problem, load_model, resolve_device, resolve_spec
+from .zoo.registry import ModelSpec, UnknownModelError, registered_models, tiny_model_names
 
-#: key in ``item.user_properties`` for suite records, and for baseline files used
+#: keys of a test's data (``relay.emit``): suite records, and baseline files used
 RECORD_KEY = "ditredundancy"
 BASELINE_USED_KEY = "ditredundancy-baseline"
-SESSION_KEY = pytest.StashKey["DitSession"]()
+#: what a spec borrows from the model named by ``--dit-baseline-name``: the settings its baselines were made with
+BORROWED = ("steps", "height", "width", "num_frames", "guidance_scale", "scheduler", "dtype", "call_kwargs",
+            "frames_argument", "conditioning", "prediction", "branch_layout")
 
 
 @dataclass
 class PipelineSlot:
-    """Holds at most one loaded pipeline, so two large models never sit on one device together."""
+    """Holds at most one loaded pipeline, so two large models never sit on one device together. A model that
+    failed to load fails every later test of it at once, with the same short message (no retried download)."""
 
     device: str
     dtype: str
@@ -41,13 +44,23 @@ class PipelineSlot:
     name: str | None = None
     pipeline: Any = None
     protocol: str = "project"  # the paper protocol loads the study's dtype on a GPU
+    failed: dict[str, str] = field(default_factory=dict)
 
     def get(self, spec: ModelSpec) -> Any:
+        if spec.name in self.failed:
+            pytest.fail(f"{self.failed[spec.name]}\n(this model failed to load earlier in the session; not retried)",
+                        pytrace=False)
         if self.name != spec.name:
             self.release()
-            self.pipeline = load_model(protocol_spec(spec, self.protocol), device=self.device, dtype=self.dtype,
-                                       seed=self.seed)
-            self.name = spec.name
+            try:
+                self.pipeline = load_model(protocol_spec(spec, self.protocol), device=self.device, dtype=self.dtype,
+                                           seed=self.seed)
+            except ModelLoadError as exc:
+                self.failed[spec.name] = str(exc)
+            else:
+                self.name = spec.name
+        if spec.name in self.failed:  # outside the except: the message alone, not the loader's exception chain
+            pytest.fail(self.failed[spec.name], pytrace=False)
         return self.pipeline
 
     def release(self) -> None:
@@ -71,6 +84,9 @@ class DitSession:
     progress: Callable[[str], None] | None = None
     #: profiles used since the report last looked: (cache key) -> (spec, settings); see report.collector
     touched: dict[tuple, tuple[ModelSpec, RunSettings]] = field(default_factory=dict)
+    #: spec name -> the model as the user typed it (``./new-ckpt``), for the commands messages suggest
+    references: dict[str, str] = field(default_factory=dict)
+    _specs: dict[str, ModelSpec] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: DitConfig) -> "DitSession":
@@ -79,12 +95,38 @@ class DitSession:
 
     # -- models -------------------------------------------------------------------------------------------
     def selected_models(self) -> list[str]:
-        """``--dit-model``, else every tiny model (under the paper protocol: the tiny twins of the study's seven)."""
+        """The models as typed (``--dit-model``), else every tiny model (under the paper protocol: the tiny twins
+        of the study's seven)."""
         if self.config.models:
             return list(self.config.models)
         if self.config.protocol == "paper":
             return [name for name in tiny_model_names() if resolve_spec(name).family in PAPER_SETUPS]
         return tiny_model_names()
+
+    def spec(self, model: str) -> ModelSpec:
+        """The spec of a selected model (as typed). With ``--dit-baseline-name`` naming a registered model, the
+        spec runs with that model's settings, so its profile is comparable with that model's baselines."""
+        if model not in self._specs:
+            spec = resolve_spec(model)
+            other = self.config.baseline_name
+            if other and other != spec.name and other in registered_models():
+                base = registered_models()[other]
+                spec = replace(spec, **{name: getattr(base, name) for name in BORROWED})
+            self._specs[model] = spec
+            self.references.setdefault(spec.name, model)
+        return self._specs[model]
+
+    def reference(self, spec: ModelSpec) -> str:
+        """How the user named ``spec`` (what a suggested command must repeat)."""
+        return self.references.get(spec.name, spec.name)
+
+    def baseline_name_for(self, spec: ModelSpec) -> str:
+        """The name ``spec``'s baselines are stored under: its own, or ``--dit-baseline-name``."""
+        return self.config.baseline_name or spec.name
+
+    def command(self, spec: ModelSpec, *extra: str) -> str:
+        """The pytest command that reruns this session's settings for ``spec``, as the user typed them."""
+        return self.config.command(self.reference(spec), *extra)
 
     @property
     def device(self) -> torch.device:
@@ -138,9 +180,6 @@ class DitSession:
 
         return callback
 
-    def spec(self, model: str) -> ModelSpec:
-        return resolve_spec(model)
-
     def baseline_metadata(self, profile: RedundancyProfile, settings: RunSettings) -> dict[str, Any]:
         from .environment import device_name
 
@@ -152,3 +191,30 @@ class DitSession:
 
     def close(self) -> None:
         self.slot.release()
+
+
+def check_models(config: DitConfig, *, probe_hub: bool) -> DitConfig:
+    """The selected models, checked before anything runs; every problem is one :class:`pytest.UsageError`.
+
+    Unknown names (with close names), directories without a pipeline, two different checkpoints with one name,
+    and (``probe_hub``: once, on the controller) Hugging Face models that are neither cached nor reachable. A
+    model selected twice (also under two spellings) runs once."""
+    kept: dict[tuple[str, str | None], str] = {}
+    names: dict[str, str] = {}
+    for model in config.models:
+        try:
+            spec = resolve_spec(model)
+        except (UnknownModelError, ModelLoadError) as exc:
+            raise pytest.UsageError(f"--dit-model={model}: {exc}") from None
+        identity = (spec.name, spec.checkpoint if spec.build is None else None)
+        if identity in kept:
+            continue
+        if spec.name in names:
+            raise pytest.UsageError(f"--dit-model={names[spec.name]} and --dit-model={model} are two models named "
+                                    f"{spec.name!r}: their baselines and report entries would collide; rename one "
+                                    "directory")
+        kept[identity], names[spec.name] = model, model
+        problem = hub_problem(spec) if probe_hub and config.models else None
+        if problem:
+            raise pytest.UsageError(f"--dit-model={model}: {problem}")
+    return replace(config, models=tuple(kept.values()))

@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import pytest
 
+from .relay import emit
 from .zoo.registry import ModelSpec
 
-#: user_properties key of a suite call a shard deferred to the merge
+#: key (in a test's data, ``relay.emit``) of a suite call a shard deferred to the merge
 DEFERRED_KEY = "ditredundancy-deferred"
 #: SuiteCheck attributes that are plumbing, not suites: handed through unchanged
 PLUMBING = frozenset({"profile", "baseline", "record", "missing", "update", "settings", "key", "session", "spec", "item"})
@@ -65,16 +66,17 @@ def spec_from_fields(fields: dict[str, Any]) -> ModelSpec:
 
 @dataclass
 class ScratchItem:
-    """Stands in for a test item where a check's own records must not reach the report."""
+    """Stands in for a test item where a check's own records must not reach the report (or, in a merge, are
+    collected from it: ``relay.emitted``)."""
 
     nodeid: str
-    user_properties: list = field(default_factory=list)
+    stash: dict = field(default_factory=dict)
 
 
 def _note(item: Any, model: str, spec: ModelSpec | None, call: str, args: tuple, kwargs: dict) -> None:
-    item.user_properties.append((DEFERRED_KEY, {
+    emit(item, DEFERRED_KEY, {
         "nodeid": item.nodeid, "model": model, "spec": spec_fields(spec) if spec else None, "call": call,
-        "args": [_plain(a) for a in args], "kwargs": {k: _plain(v) for k, v in kwargs.items()}}))
+        "args": [_plain(a) for a in args], "kwargs": {k: _plain(v) for k, v in kwargs.items()}})
 
 
 def _plain(value: Any) -> Any:

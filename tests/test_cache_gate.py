@@ -11,30 +11,18 @@ import pytest
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 FAST = ["--dit-steps=6", "--dit-num-prompts=2", "--dit-step-factors=2", "--dit-cache-repeats=1",
-        "--dit-cache-budgets=0.2,0.5", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]
-
-#: dumps the suite records the report would receive, so the test can read them
-RECORDS = '''
-import json
-from pytest_ditredundancy.session import RECORD_KEY
-
-def pytest_runtest_logreport(report):
-    for name, value in report.user_properties:
-        if name == RECORD_KEY and report.when == "call" and value["suite"] == "cache_gate":
-            with open("records.jsonl", "a") as handle:
-                handle.write(json.dumps(value) + "\\n")
-'''
-
+        "--dit-cache-budgets=0.2,0.5", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+        "--dit-json=report.json"]
 
 def setup(pytester: pytest.Pytester) -> None:
     shutil.copytree(SUITES, pytester.path / "suites")
     pytester.makeini("[pytest]\n")
-    pytester.makeconftest(RECORDS)
 
 
 def records(pytester: pytest.Pytester) -> list[dict]:
-    path = pytester.path / "records.jsonl"
-    found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The cache-gate records of the last run, from its JSON report (``--dit-json=report.json``)."""
+    path = pytester.path / "report.json"
+    found = [r for r in json.loads(path.read_text())["records"] if r["suite"] == "cache_gate"] if path.exists() else []
     path.unlink(missing_ok=True)
     return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -67,12 +68,19 @@ def test_auto_workers_is_one_per_gpu(monkeypatch):
     assert distributed.gpu_devices("cuda:1") == [] and distributed.gpu_devices("cpu") == []
 
 
-def test_a_worker_takes_its_device_and_its_share_of_the_cores(monkeypatch, pytestconfig):
+def _config(**overrides):
+    from pytest_ditredundancy.options import DitConfig
+
+    values = dict(models=(), device="auto", dtype="auto", prompts=("a",), prompt_source="", num_prompts=1, steps=None,
+                  scheduler=None, seed=0, batch_size=8, baseline_dir=Path("baselines"), update_baselines=False,
+                  step_factors=(2.0,), schedulers=(), cv_bounds=(0.0, 0.2), min_shape_correlation=0.8)
+    return DitConfig(**{**values, **overrides})
+
+
+def test_a_worker_takes_its_device_and_its_share_of_the_cores(monkeypatch):
     import torch
 
-    from pytest_ditredundancy.session import SESSION_KEY
-
-    base = pytestconfig.stash[SESSION_KEY].config
+    base = _config()
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     monkeypatch.setattr(distributed, "cpu_count", lambda: 16)
@@ -81,6 +89,10 @@ def test_a_worker_takes_its_device_and_its_share_of_the_cores(monkeypatch, pytes
     cpu = SimpleNamespace(workerinput={"workerid": "gw0", "workercount": 3})
     assert configure_worker(cpu, replace(base, device="cpu")).device == "cpu" and threads == [5]
     assert configure_worker(SimpleNamespace(), base) is base  # not a worker: unchanged
+    # the controller assigned nothing (the plugin was off there): the worker takes GPU N mod count itself
+    monkeypatch.setattr(distributed, "gpu_devices", lambda requested: ["cuda:0", "cuda:1"])
+    lazy = SimpleNamespace(workerinput={"workerid": "gw3", "workercount": 4})
+    assert configure_worker(lazy, replace(base, device="auto")).device == "cuda:1"
 
 
 # -- sharding and merging ---------------------------------------------------------------------------------------
@@ -148,18 +160,30 @@ def test_update_baselines_needs_every_prompt(pytester):
 def serial_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     use_suites(root)
-    result = run_pytest(root, *QUICK_SUITES, MODELS, *FAST, *NO_BASELINES, "--dit-json=serial.json")
+    result = run_pytest(root, *QUICK_SUITES, MODELS, *FAST, *NO_BASELINES, "--dit-json=serial.json",
+                        "--dit-report=serial.html", "--junitxml=serial.xml")
     assert result.returncode == 0, result.stdout + result.stderr
     return root, json.loads((root / "serial.json").read_text())
+
+
+def test_junit_xml_of_a_two_model_run_carries_no_report_data(serial_run):
+    """Report data travels outside ``user_properties``, which pytest writes into JUnit XML."""
+    root, serial = serial_run
+    xml = (root / "serial.xml").read_text()
+    assert len(xml.encode()) < 100_000 and "<property" not in xml and "ditredundancy" not in xml
+    assert [m["status"] for m in serial["models"]] == ["passed", "passed"]  # the report still got everything
+    assert all(m["profiles"] and m["suites"] for m in serial["models"])
 
 
 def test_parallel_run_writes_the_same_json_as_serial(serial_run):
     root, serial = serial_run
     result = run_pytest(root, *QUICK_SUITES, MODELS, *FAST, *NO_BASELINES, "-n", "2", "--dit-json=parallel.json",
-                        "--dit-progress-interval=0")
+                        "--dit-progress-interval=0", "--junitxml=parallel.xml")
     assert result.returncode == 0, result.stdout + result.stderr
     parallel = json.loads((root / "parallel.json").read_text())
     assert not same_results(serial, parallel)
+    xml = (root / "parallel.xml").read_text()
+    assert len(xml.encode()) < 100_000 and "<property" not in xml
     assert parallel["run"]["workers"] == 2 and {w["worker"] for w in parallel["environment"]["workers"]} <= {"gw0", "gw1"}
     assert all(w["torch_threads"] >= 1 for w in parallel["environment"]["workers"])
     assert "JSON report: parallel.json" in result.stdout
@@ -230,3 +254,45 @@ def test_a_worker_crash_still_writes_the_report_and_names_what_is_missing(pytest
     assert "crashed while running" in missing["test_crash.py::test_crash"]
     assert "never reported a result" in missing["test_crash.py::test_after_two"]
     assert len(missing) == 3 and "3 tests without a result" in stopped.stdout.str()
+
+
+def test_shards_merge_in_another_checkout_and_refuse_mixed_devices(tmp_path_factory):
+    """The example workflow: shards run on one machine, the merge in a fresh checkout elsewhere, judged
+    against that checkout's baselines. Shard JSON holds no path of the machine that wrote it."""
+    machine = tmp_path_factory.mktemp("shard-machine")
+    use_suites(machine)
+    args = ["suites/test_baseline_regression.py", "--dit-model=tiny-dit-xl-2-256", *FAST]
+    created = run_pytest(machine, *args, "--dit-update-baselines")
+    assert created.returncode == 0, created.stdout + created.stderr
+    for k in (1, 2):
+        shard = run_pytest(machine, *args, f"--dit-shard={k}/2", f"--dit-json=out/shard-{k}.json")
+        assert shard.returncode == 0, shard.stdout + shard.stderr
+        text = (machine / "out" / f"shard-{k}.json").read_text()
+        assert str(machine) not in text and json.loads(text)["run"]["baseline_dir"] == "baselines"
+
+    checkout = tmp_path_factory.mktemp("merge-checkout")
+    shutil.copytree(machine / "baselines", checkout / "baselines")
+    shutil.copytree(machine / "out", checkout / "artifacts")
+    shards = ["artifacts/shard-1.json", "artifacts/shard-2.json"]
+    merge = [sys.executable, "-m", "pytest_ditredundancy", "merge", *shards, "--json", "merged.json"]
+    merged = subprocess.run(merge, cwd=checkout, capture_output=True, text=True)
+    doc = json.loads((checkout / "merged.json").read_text())
+    assert merged.returncode == 0, merged.stdout + merged.stderr + json.dumps(doc["tests"]["messages"])
+    assert list(doc["tests"]["results"].values()) == ["passed"]
+    assert doc["models"][0]["suites"]["baseline_regression"]["passed"]
+
+    # a checkout without the baselines: the suite fails, and the merge says where it looked
+    bare = tmp_path_factory.mktemp("bare-checkout")
+    shutil.copytree(machine / "out", bare / "artifacts")
+    missing = subprocess.run(merge, cwd=bare, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no baseline directory baselines here" in missing.stderr
+    assert "no baseline_regression baseline for tiny-dit-xl-2-256" in (bare / "merged.json").read_text()
+
+    # a shard that ran on a GPU cannot be merged with CPU shards (their tolerances differ)
+    second = json.loads((checkout / shards[1]).read_text())
+    for entry in second["shard_profiles"]:
+        entry["profile"]["metadata"]["device"] = "cuda:0"
+    (checkout / "artifacts" / "shard-2.json").write_text(json.dumps(second))
+    mixed = subprocess.run(merge, cwd=checkout, capture_output=True, text=True)
+    assert mixed.returncode == 2
+    assert "shards ran on different kinds of device (cpu in shard-1.json; cuda in shard-2.json)" in mixed.stderr

@@ -73,7 +73,7 @@ def test_markers_are_registered_and_work(pytester):
         "import pytest\n"
         "@pytest.mark.dit_families('sd3')\n"
         "def test_only_sd3(dit_model):\n    assert dit_model.family == 'sd3'\n"
-        "@pytest.mark.gpu\n"
+        "@pytest.mark.dit_gpu\n"
         "def test_needs_gpu():\n    pass\n"
     )
     result = pytester.runpytest_subprocess("--strict-markers", "-rs", "--dit-model=tiny-sd3-medium,tiny-dit-xl-2-256",
@@ -88,12 +88,65 @@ def test_markers_are_registered_and_work(pytester):
     (["--dit-num-prompts=500"], "500 prompts requested but the shipped prompt set has only 72"),
     (["--dit-steps=1"], "--dit-steps must be at least 2"),
     (["--dit-cv-bounds=0.5,0.1"], "LO <= HI"),
+    # a value given is a value used, or a usage error: never silently the default
+    (["--dit-model="], "--dit-model is empty (an unset variable?)"),
+    (["--dit-steps=0"], "--dit-steps must be at least 2 (a profile compares consecutive steps), got 0"),
+    (["--dit-num-prompts=0"], "--dit-num-prompts must be at least 1, got 0"),
+    (["--dit-device=foo"], "--dit-device=foo is not a device; valid values: auto, cpu, cuda, cuda:N"),
+    (["--dit-dtype=int8"], "--dit-dtype=int8 is not a dtype the plugin runs; valid values: auto, float32, float16, "
+                           "bfloat16"),
+    (["--dit-batch-size=0"], "--dit-batch-size (ini dit_batch_size) must be at least 1, got 0"),
+    (["--dit-cache-min-skipped=1"], "--dit-cache-min-skipped must lie in [0, 1), got 1.0"),
+    (["--dit-model=tiny-pixart-alfa"], "--dit-model=tiny-pixart-alfa: unknown model 'tiny-pixart-alfa'. Did you mean: "
+                                       "tiny-pixart-alpha"),
+    (["--dit-model=tiny-sd3-medium", "--dit-baseline-name=sd3-medium", "--dit-model=tiny-flux-dev"],
+     "select exactly one model with --dit-model (selected: tiny-sd3-medium, tiny-flux-dev)"),
 ])
 def test_bad_options_are_usage_errors(pytester, args, message):
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest_subprocess(*args)  # validating schedulers imports diffusers
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_empty_ini_values_are_usage_errors_too(pytester):
+    pytester.makeini("[pytest]\ndit_models =\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "dit_models (ini) is empty" in result.stderr.str()
+
+
+def test_zero_is_a_value_like_any_other(pytester):
+    """0 where 0 means something (a bound, a seed, a progress interval) is used as given, not as "unset"."""
+    from pytest_ditredundancy.cache.config import read_cache_options
+    from pytest_ditredundancy.options import read_config
+
+    config = pytester.parseconfig("--dit-cache-min-psnr=0", "--dit-cache-min-skipped=0", "--dit-seed=0",
+                                  "--dit-progress-interval=0")
+    options = read_cache_options(config)
+    assert options.min_psnr == 0.0 and options.min_skipped == 0.0
+    cfg = read_config(config)
+    assert cfg.seed == 0 and cfg.progress_interval == 0.0
+    unset = read_cache_options(pytester.parseconfig())
+    assert unset.min_psnr is None and unset.min_skipped is None and read_config(pytester.parseconfig()).steps is None
+
+
+def test_the_same_model_twice_runs_once(pytester):
+    pytester.makepyfile("def test_model(dit_model):\n    pass\n")
+    result = pytester.runpytest("--collect-only", "-q", "--dit-model=tiny-dit-xl-2-256,tiny-dit-xl-2-256",
+                                "--dit-model=tiny-dit-xl-2-256")
+    result.stdout.fnmatch_lines(["*test_model[[]tiny-dit-xl-2-256[]]", "*1 test collected*"])
+
+
+def test_a_boolean_flag_of_the_ini_file_can_be_turned_off(pytester):
+    pytester.makeini("[pytest]\ndit_update_baselines = true\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    assert "(UPDATING)" in pytester.runpytest().stdout.str()
+    result = pytester.runpytest("--no-dit-update-baselines")
+    result.stdout.fnmatch_lines(["ditredundancy: device *, baselines in baselines"])
+    assert "(UPDATING)" not in result.stdout.str()
 
 
 def test_prompt_file_larger_request_names_the_file(pytester):
@@ -105,11 +158,38 @@ def test_prompt_file_larger_request_names_the_file(pytester):
     assert "prompts.txt has only 2" in result.stderr.str()
 
 
-def test_unknown_model_fails_its_tests_with_close_names(pytester):
-    pytester.makepyfile("def test_model(dit_model):\n    pass\n")
-    result = pytester.runpytest_subprocess("--dit-model=tiny-pixart-alfa")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*unknown model 'tiny-pixart-alfa'. Did you mean: tiny-pixart-alpha*"])
+@pytest.mark.parametrize("env,message", [
+    ({"HF_HUB_OFFLINE": "1"}, "--dit-model=someorg/somemodel: someorg/somemodel is not in the local Hugging Face "
+                              "cache, and HF_HUB_OFFLINE=1 forbids downloading it"),
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens there: no network
+     "--dit-model=someorg/somemodel: the Hugging Face Hub is unreachable (ConnectError"),
+])
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_an_unreachable_model_is_one_usage_error_before_anything_runs(pytester, monkeypatch, env, message, workers):
+    if workers:
+        pytest.importorskip("xdist")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile("def test_a(dit_pipeline):\n    pass\n\ndef test_b(dit_profile):\n    dit_profile()\n")
+    result = pytester.runpytest_subprocess("--dit-model=someorg/somemodel", *workers)
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert output.count(message) == 1, output
+    assert "Traceback" not in output and "httpx" not in output and len(output.splitlines()) < 15, output
+
+
+def test_a_model_that_fails_to_load_is_not_loaded_again(pytester):
+    """A directory that only looks like a pipeline: the first test fails with the short reason, the next
+    ones at once, without a second attempt (and without the loader's traceback)."""
+    broken = pytester.mkdir("broken")
+    (broken / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline", "transformer": '
+                                             '["diffusers", "PixArtTransformer2DModel"]}')
+    pytester.makepyfile("def test_a(dit_profile):\n    dit_profile()\n\ndef test_b(dit_profile):\n    dit_profile()\n")
+    result = pytester.runpytest_subprocess("--dit-model=./broken", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    text = result.stdout.str()
+    assert text.count("could not load 'broken' from") == 2 and text.count("not retried") == 1
+    assert "Traceback" not in text
 
 
 def test_missing_baseline_fails_with_the_command_that_creates_it(pytester):
@@ -208,3 +288,32 @@ def test_parallel_run_matches_serial_and_keeps_every_section(pytester):
     serial.assert_outcomes(passed=9, skipped=2)
     summary = [line for line in serial.stdout.lines if line.startswith("tiny-")]
     assert summary and all(line in parallel.stdout.lines for line in summary)
+
+
+SUMMARY = """
+import os
+
+def test_prompt_stability(dit_check):
+    dit_check.prompt_stability()
+
+def test_other(dit_model):
+    {body}
+"""
+
+
+@pytest.mark.parametrize("body,workers", [("assert False, 'broken'", []), ("os._exit(3)", ["-n", "1"])])
+def test_the_summary_never_says_ok_for_a_model_whose_test_failed_or_whose_worker_crashed(pytester, body, workers):
+    """The prompt-stability records pass; the model's other test fails (serial) or kills its worker (-n 1: the
+    records of the test the worker had finished come from its spool file, since it never finished)."""
+    if workers:
+        pytest.importorskip("xdist")
+    pytester.makepyfile(test_models=SUMMARY.format(body=body))
+    result = pytester.runpytest_subprocess("--dit-model=tiny-dit-xl-2-256", "--dit-steps=6", "--dit-num-prompts=3",
+                                           "--dit-cv-bounds=0,1", "--dit-enforce-claims", "-p", "no:cacheprovider",
+                                           "--dit-json=report.json", *workers)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["tiny-dit-xl-2-256: FAIL; *1 test failed, errored or crashed"])
+    doc = json.loads((pytester.path / "report.json").read_text())
+    records = [r for r in doc["records"] if r["suite"] == "prompt_stability"]
+    assert records and all(r["passed"] for r in records)  # the passing test's records reached the controller
+    assert doc["models"][0]["status"] == "failed"

@@ -25,6 +25,7 @@ import pytest
 
 from ..baselines import BaselineError
 from ..checks import SuiteCheck
+from ..relay import emit
 from ..session import BASELINE_USED_KEY, DitSession
 from ..zoo.registry import ModelSpec
 from . import adherence
@@ -281,7 +282,7 @@ class CacheCheck:
 
     def _update_command(self) -> str:
         """The command that rewrites this model's cache-gate entries (for every strategy the run selects)."""
-        return self.session.config.command(self.spec.name, "--dit-update-baselines", f"-k {SUITE}")
+        return self.session.command(self.spec, "--dit-update-baselines", f"-k {SUITE}")
 
     def _missing(self) -> None:
         pytest.fail(f"no cache_gate baseline for {self.spec.name} with {self.strategy} (settings {self.suite.key}) in "
@@ -339,7 +340,7 @@ class CacheCheck:
                 merge=True, metadata=self.session.baseline_metadata(self.suite.profile(), settings))
         except BaselineError as exc:
             pytest.fail(str(exc), pytrace=False)
-        self.item.user_properties.append((BASELINE_USED_KEY, str(path)))
+        emit(self.item, BASELINE_USED_KEY, str(path))
 
     def _record(self, result: dict[str, Any], values: dict[str, Any], bounds: dict[str, list],
                 schedule: CacheSchedule | None, *, passed: bool, updated: bool) -> dict[str, Any]:

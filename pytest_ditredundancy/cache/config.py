@@ -46,11 +46,14 @@ def read_cache_options(config: pytest.Config) -> CacheOptions:
     budgets = tuple(_value(config, "dit_cache_budgets"))
     if not budgets or any(not 0.0 <= b < 1.0 for b in budgets):
         raise pytest.UsageError(f"--dit-cache-budgets must be fractions in [0, 1), got {list(budgets)}")
-    min_skipped = _value(config, "dit_cache_min_skipped")
-    if not 0.0 <= min_skipped < 1.0:
+    min_skipped = _value(config, "dit_cache_min_skipped")  # None: not given; 0 is a floor like any other
+    if min_skipped is not None and not 0.0 <= min_skipped < 1.0:
         raise pytest.UsageError(f"--dit-cache-min-skipped must lie in [0, 1), got {min_skipped}")
-    return CacheOptions(specs=tuple(specs), repeats=repeats, budgets=budgets,
-                        min_psnr=_value(config, "dit_cache_min_psnr") or None, min_skipped=min_skipped or None)
+    min_psnr = _value(config, "dit_cache_min_psnr")
+    if min_psnr is not None and min_psnr < 0:
+        raise pytest.UsageError(f"--dit-cache-min-psnr must be at least 0 dB, got {min_psnr}")
+    return CacheOptions(specs=tuple(specs), repeats=repeats, budgets=budgets, min_psnr=min_psnr,
+                        min_skipped=min_skipped)
 
 
 def cache_options(config: pytest.Config) -> CacheOptions:

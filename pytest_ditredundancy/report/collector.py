@@ -1,10 +1,13 @@
 """Gathers the report's data during the run and writes ``--dit-report`` / ``--dit-json`` once, on the controller.
 
-Where tests run (the serial process, or each xdist worker) the collector attaches, after every test, a
-compact summary of each profile the test used (and, under ``--dit-shard``, the full per-prompt profile once
-per worker) to ``item.user_properties``. Test reports carry those plain builtins to the controller, which
-also tracks every test's outcome, so a crashed worker's tests are named as missing instead of silently
-absent. Workers never write the files.
+Where tests run (the serial process, or each xdist worker) the collector adds to each test's data (``relay``;
+never ``user_properties``, which JUnit XML would carry) a compact summary of each profile the test used,
+once per process and profile, and under ``--dit-shard`` the full per-prompt profile. The controller receives
+the data with the suite records and also tracks every test's outcome, so a crashed worker's tests are named
+as missing instead of silently absent. Workers never write the files.
+
+A report that cannot be written fails the run: a location that cannot be a file is a usage error before
+anything runs, and a write that fails at the end turns a passing exit status into 1.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from ..baselines import Baseline, BaselineError, read_baseline_file
 from ..environment import device_name
+from ..relay import emit
 from ..session import DitSession
 from ..shard import DEFERRED_KEY, shard_range, spec_fields
 from .document import build_document, config_dict, controller_environment, jsonable, write_json
@@ -31,6 +35,14 @@ SUMMARY_KEY = "ditredundancy-summary"  # compact per-(model, settings) summary, 
 PROFILE_KEY = "ditredundancy-shard-profile"  # full per-prompt profile, shard runs, once per worker
 WORKER_KEY = "ditredundancy-worker"  # where a worker ran (device, threads), once per worker
 MESSAGE_LIMIT = 2000
+
+
+def portable(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (as POSIX text), else absolute."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix() or "."
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def shown(path: Path, base: Path) -> str:
@@ -45,11 +57,31 @@ class DitReportWarning(UserWarning):
     """The report could not be assembled or written; the tests' results are unaffected."""
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a report cannot be written to ``path`` (checked before the run), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 class ReportCollector:
     def __init__(self, config: pytest.Config, dit: DitSession) -> None:
         self.config, self.dit = config, dit
         self.worker_id = getattr(config, "workerinput", {}).get("workerid")
         self.wanted = bool(dit.config.report or dit.config.json)
+        if self.worker_id is None:
+            for flag, path in (("--dit-report", dit.config.report), ("--dit-json", dit.config.json)):
+                problem = unwritable(path) if path is not None else None
+                if problem:
+                    raise pytest.UsageError(f"{flag}={path}: cannot write the report there ({problem})")
         self.started = time.time()
         self.summaries: dict[tuple[str, str], dict] = {}
         self.shard_profiles: dict[tuple[str, str], dict] = {}
@@ -83,15 +115,17 @@ class ReportCollector:
             self.dit.touched.clear()
 
     def _attach(self, item: pytest.Item) -> None:
-        props = item.user_properties
+        """Add what the report needs from this test to its data: each profile once per process."""
         if not self._announced:
-            props.append((WORKER_KEY, self._worker_facts()))
+            emit(item, WORKER_KEY, self._worker_facts())
             self._announced = True
         for key, (spec, settings) in list(self.dit.touched.items()):
-            props.append((SUMMARY_KEY, self._summary(key, spec, settings)))  # plain builtins: execnet sends them
-            if self.dit.config.shard and key not in self._sent:
-                props.append((PROFILE_KEY, self._full_profile(key, spec, settings)))
-                self._sent.add(key)
+            if key in self._sent:
+                continue
+            emit(item, SUMMARY_KEY, self._summary(key, spec, settings))
+            if self.dit.config.shard:
+                emit(item, PROFILE_KEY, self._full_profile(key, spec, settings))
+            self._sent.add(key)
 
     def _worker_facts(self) -> dict[str, Any]:
         try:
@@ -108,9 +142,10 @@ class ReportCollector:
             settings_key = self.dit.settings_key(settings)
             baseline = None
             if settings == default and not self.dit.config.update_baselines and not self.dit.config.shard:
-                path = self.dit.store.path_for(spec.name, settings_key)
+                name = self.dit.baseline_name_for(spec)
+                path = self.dit.store.path_for(name, settings_key)
                 try:
-                    baseline = Baseline(path, spec.name, settings_key, read_baseline_file(path)) if path.exists() else None
+                    baseline = Baseline(path, name, settings_key, read_baseline_file(path)) if path.exists() else None
                 except BaselineError:
                     baseline = None  # the regression suite reports the damage itself
             self._cache[key] = jsonable(profile_summary(
@@ -121,7 +156,9 @@ class ReportCollector:
 
     def _full_profile(self, key: tuple, spec: Any, settings: Any) -> dict[str, Any]:
         start, end = shard_range(len(self.dit.config.prompts), self.dit.config.shard)
-        return {"model": spec.name, "settings_key": self.dit.settings_key(settings), "settings": dict(settings.__dict__),
+        return {"model": spec.name, "reference": self.dit.reference(spec),
+                "baseline_name": self.dit.baseline_name_for(spec), "settings_key": self.dit.settings_key(settings),
+                "settings": dict(settings.__dict__),
                 "spec": spec_fields(spec), "shard": list(self.dit.config.shard), "start": start, "end": end,
                 "total": len(self.dit.config.prompts), "profile": json.loads(self.dit.profiles[key].to_json())}
 
@@ -134,10 +171,9 @@ class ReportCollector:
         if self.worker_id is None:
             self.add_collected([item.nodeid for item in session.items])
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if self.worker_id is not None:
-            return
-        for name, value in getattr(report, "user_properties", ()):
+    def ingest(self, packet: dict[str, Any]) -> None:
+        """One test's data (``relay``), on the controller."""
+        for name, value in packet["data"]:
             if name == SUMMARY_KEY:
                 self.summaries.setdefault((value["model"], value["settings_key"]), value)
             elif name == PROFILE_KEY:
@@ -146,7 +182,10 @@ class ReportCollector:
                 self.deferred.setdefault(json.dumps(value, sort_keys=True, default=str), value)
             elif name == WORKER_KEY:
                 self.workers.setdefault(value["worker"], value)
-        self._outcome(report)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.worker_id is None:
+            self._outcome(report)
 
     def _outcome(self, report: pytest.TestReport) -> None:
         nodeid, when, previous = report.nodeid, report.when, self.results.get(report.nodeid)
@@ -181,6 +220,11 @@ class ReportCollector:
     def document(self) -> dict[str, Any]:
         cfg = self.dit.config
         run = config_dict(cfg, self.dit.selected_models())
+        # portable: a merge on another machine or checkout finds the baselines relative to where it runs
+        run["baseline_dir"] = portable(cfg.baseline_dir, Path(self.config.rootpath))
+        for name, flag in (("report", "--dit-report"), ("json", "--dit-json")):
+            if run.get(name):
+                run[name] = cfg.given.get(flag) or portable(Path(run[name]), Path(self.config.rootpath))
         run["command"] = " ".join(str(a) for a in self.config.invocation_params.args)
         run["workers"] = getattr(self.config.option, "numprocesses", None) or None
         workers = [self.workers[w] for w in sorted(self.workers)]
@@ -209,6 +253,8 @@ class ReportCollector:
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             warnings.warn(DitReportWarning(f"the report was not written: {self.error}"))
+            if session.exitstatus == pytest.ExitCode.OK:  # asked for and missing: the run failed
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -205,12 +205,4 @@ def comparable(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(doc: dict[str, Any], path: Path) -> Path:
-    return readable(atomic_write_text(Path(path), json.dumps(doc, indent=1, allow_nan=False) + "\n"))
-
-
-def readable(path: Path) -> Path:
-    """Reports are for sharing: the usual permissions (the atomic write's temporary file is private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
+    return atomic_write_text(Path(path), json.dumps(doc, indent=1, allow_nan=False) + "\n")

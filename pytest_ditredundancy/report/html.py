@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from ..io import atomic_write_text
-from .document import SUITE_ORDER, SUITE_TITLES, kind_label, readable
+from .document import SUITE_ORDER, SUITE_TITLES, kind_label
 
 #: models whose sections start open; more than this and every section starts closed (drawn when opened)
 OPEN_MODELS = 4
@@ -75,4 +75,4 @@ def render_html(doc: dict[str, Any]) -> str:
 
 
 def write_html(doc: dict[str, Any], path: Path) -> Path:
-    return readable(atomic_write_text(Path(path), render_html(doc)))
+    return atomic_write_text(Path(path), render_html(doc))

@@ -130,13 +130,49 @@ def _from_pretrained(spec: ModelSpec, torch_dtype: torch.dtype) -> Any:
 
             source = str(shipped_weights(spec))
         return cls.from_pretrained(source, torch_dtype=torch_dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except Exception as exc:  # OSError, ValueError, and the HTTP client's own errors
         raise ModelLoadError(
-            f"could not load {spec.name!r} from {spec.checkpoint!r}: {exc}\n"
+            f"could not load {spec.name!r} from {spec.checkpoint!r}: {_first_line(exc)}\n"
             "An HF repo id needs hub access or a local cache (with HF_HUB_OFFLINE=1 only the cache is used); "
             "a directory must hold a pipeline written by save_pretrained(). Offline, use a tiny model such as "
             "'tiny-pixart-alpha'."
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def hub_problem(spec: ModelSpec) -> str | None:
+    """Why ``spec`` cannot be loaded from the Hugging Face Hub, or None (cached, reachable, or not a hub model).
+
+    Reads the local cache first; offline (``HF_HUB_OFFLINE=1``) that is the answer. Online it asks the Hub for
+    the metadata of the model's ``model_index.json``: one request, not retried, which tells a missing, gated
+    or unreachable repository apart before any test runs (instead of one failed download per test)."""
+    if spec.build is not None or spec.trained or not spec.checkpoint or spec.family == "open-sora" \
+            or Path(spec.checkpoint).is_dir():
+        return None  # built, shipped with the package, not a diffusers pipeline, or a local directory
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    repo = spec.checkpoint
+    if isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return (f"{repo} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                f"download it first (hf download {repo}) or unset HF_HUB_OFFLINE")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "model_index.json"))
+    except errors.GatedRepoError:
+        return f"{repo} is gated: accept its licence on the Hugging Face Hub and set HF_TOKEN"
+    except errors.RepositoryNotFoundError:
+        return f"{repo} does not exist on the Hugging Face Hub (or it is private: set HF_TOKEN)"
+    except errors.RemoteEntryNotFoundError:
+        return f"{repo} has no model_index.json: it is not a diffusers pipeline"
+    except Exception as exc:  # no network, DNS, proxy, TLS, timeouts (the HTTP client's own error types)
+        return (f"the Hugging Face Hub is unreachable ({_first_line(exc)}) and {repo} is not cached: check the "
+                "network, or download it where there is one and run with HF_HUB_OFFLINE=1")
+    return None
 
 
 def spec_of(pipe: Any) -> ModelSpec | None:
@@ -147,5 +183,5 @@ def spec_of(pipe: Any) -> ModelSpec | None:
         return None
 
 
-__all__ = ["ModelLoadError", "UnknownModelError", "load_model", "resolve_device", "resolve_dtype", "resolve_spec",
-           "spec_of"]
+__all__ = ["ModelLoadError", "UnknownModelError", "hub_problem", "load_model", "resolve_device", "resolve_dtype",
+           "resolve_spec", "spec_of"]
