@@ -101,6 +101,8 @@ def summary_lines(records: list[dict], bad: dict[str, int] | None = None) -> lis
     for model, entries in by_model.items():
         parts = []
         judged = [e for e in entries if e.get("question") not in ("claim", "info")]
+        if not any(e["suite"] == "prompt_stability" for e in judged):  # no baseline: the claims judged alone
+            judged = [e for e in entries if e.get("question") != "info"]
         cvs = {e.get("kind"): e["value"] for e in judged  # one per kind
                if e["suite"] == "prompt_stability" and e.get("value") is not None}
         if cvs:

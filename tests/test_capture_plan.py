@@ -146,11 +146,14 @@ def test_plan_command_errors(capsys):
     assert run_plan("wan2.1", gpu_memory="24GB") == 1
 
 
-def test_no_real_config_for_an_unshipped_model():
-    from pytest_ditredundancy.zoo import ModelSpec, register_model
+def test_no_real_config_for_an_unshipped_model(monkeypatch):
+    from pytest_ditredundancy.zoo import ModelSpec, registered_models
+    from pytest_ditredundancy.zoo import registry
 
-    register_model(ModelSpec("plan-test-model", "flux", "FluxPipeline", "me/x", steps=4, height=64, width=64,
-                             guidance_scale=None, scheduler="flow-euler"), replace_existing=True)
+    registered_models()  # the built-in zoo first; the test model is removed again at teardown
+    monkeypatch.setitem(registry._REGISTRY, "plan-test-model", ModelSpec(
+        "plan-test-model", "flux", "FluxPipeline", "me/x", steps=4, height=64, width=64, guidance_scale=None,
+        scheduler="flow-euler"))
     with pytest.raises(NoRealConfigError, match="data/configs/plan-test-model.json"):
         load_real_config("plan-test-model")
 

@@ -89,11 +89,20 @@ def test_claims_are_reported_and_enforced_only_when_asked(pytester):
     moved.stdout.fnmatch_lines(["*changed from its baseline (default tolerance)*", "*a       robust CV * (baseline *"])
 
 
-def test_a_checkpoint_that_ships_another_scheduler_fails_the_regression(pytester, tiny_pipeline_cache):
+@pytest.fixture(scope="module")
+def pixart_pipeline(tiny_pipeline_cache):
+    """Loaded outside the pytester test: pytester forgets modules imported during a test, and torch parts must
+    not be imported twice in one process."""
+    import diffusers  # noqa: F401
+
+    return tiny_pipeline_cache("tiny-pixart-alpha")
+
+
+def test_a_checkpoint_that_ships_another_scheduler_fails_the_regression(pixart_pipeline, pytester):
     from diffusers import EulerDiscreteScheduler
 
     setup(pytester)
-    pipe = tiny_pipeline_cache("tiny-pixart-alpha")
+    pipe = pixart_pipeline
     checkpoint = pytester.path / "ckpt"
     pipe.save_pretrained(checkpoint)
     args = ["suites/test_baseline_regression.py", f"--dit-model={checkpoint}", *FAST]
