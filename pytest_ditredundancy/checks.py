@@ -62,8 +62,7 @@ class SuiteCheck:
     @property
     def baseline_name(self) -> str:
         """The name the model's baselines are stored under (``--dit-baseline-name`` when given)."""
-        name_for = getattr(self.session, "baseline_name_for", None)
-        return name_for(self.spec) if callable(name_for) else self.spec.name
+        return self.session.baseline_name_for(self.spec)
 
     def profile(self, **overrides: Any):
         """The session's profile; a non-finite one fails the test (naming where NaN first appeared)."""

@@ -361,6 +361,15 @@ class CellDrift:
         return diff / self.tolerance if self.tolerance > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+def cell_tolerance(baseline_mean: np.ndarray, baseline_spread: np.ndarray, *, spread_factor: float,
+                   relative_floor: float, absolute_floor: float) -> np.ndarray:
+    """Per cell: ``spread_factor * spread + relative_floor * |baseline| + absolute_floor`` (unmeasured cells
+    contribute no spread or magnitude)."""
+    return (spread_factor * np.nan_to_num(np.asarray(baseline_spread, np.float64), nan=0.0, posinf=0.0)
+            + relative_floor * np.nan_to_num(np.abs(np.asarray(baseline_mean, np.float64)), nan=0.0, posinf=0.0)
+            + absolute_floor)
+
+
 def compare_to_baseline(current_mean: np.ndarray, baseline_mean: np.ndarray, baseline_spread: np.ndarray, *,
                         kinds: list[str], layers: list[str], spread_factor: float, relative_floor: float,
                         absolute_floor: float) -> list[CellDrift]:
@@ -382,8 +391,8 @@ def compare_to_baseline(current_mean: np.ndarray, baseline_mean: np.ndarray, bas
     for dim, labels in ((0, kinds), (1, layers)):
         if len(labels) != base.shape[dim]:
             raise ValueError(f"{len(labels)} {names[dim]} names for {base.shape[dim]} {names[dim]}s")
-    tolerance = (spread_factor * np.nan_to_num(spread, nan=0.0, posinf=0.0)
-                 + relative_floor * np.nan_to_num(np.abs(base), nan=0.0, posinf=0.0) + absolute_floor)
+    tolerance = cell_tolerance(base, spread, spread_factor=spread_factor, relative_floor=relative_floor,
+                               absolute_floor=absolute_floor)
     cur_nan, base_nan = np.isnan(cur), np.isnan(base)
     with np.errstate(invalid="ignore"):
         diff = np.where(cur == base, 0.0, np.abs(cur - base))

@@ -164,9 +164,7 @@ def judge_cells(current_mean: np.ndarray, kinds: list[str], layers: list[str], b
 
 def max_excess(current_mean: np.ndarray, base_mean: np.ndarray, base_spread: np.ndarray, tolerance: Tolerance) -> float:
     """The largest |current - baseline| / tolerance over all cells: how close a run came to failing."""
-    t = tolerance.cells()
-    tol = (t["spread_factor"] * np.nan_to_num(base_spread) + t["relative_floor"] * np.abs(np.nan_to_num(base_mean))
-           + t["absolute_floor"])
+    tol = stats.cell_tolerance(base_mean, base_spread, **tolerance.cells())
     with np.errstate(invalid="ignore"):
         excess = np.abs(np.asarray(current_mean, np.float64) - base_mean) / tol
     one_sided = np.isnan(current_mean) != np.isnan(base_mean)

@@ -107,9 +107,7 @@ def baseline_diff(profile: RedundancyProfile, baseline: Baseline, device_class: 
     current = profile.mean_over_prompts(metric)[profile.branches.index(branch)][[profile.kinds.index(k) for k in kinds]]
     tolerance = baseline.tolerance(tolerance_level, device_class).cells()
     drifts = stats.compare_to_baseline(current, base_mean, base_spread, kinds=kinds, layers=layers, **tolerance)
-    tol = (tolerance["spread_factor"] * np.nan_to_num(base_spread, nan=0.0, posinf=0.0)
-           + tolerance["relative_floor"] * np.nan_to_num(np.abs(base_mean), nan=0.0, posinf=0.0)
-           + tolerance["absolute_floor"])
+    tol = stats.cell_tolerance(base_mean, base_spread, **tolerance)
     with np.errstate(invalid="ignore", divide="ignore"):
         excess = np.where(current == base_mean, 0.0, np.abs(current - base_mean)) / tol
     one_sided = np.isnan(current) != np.isnan(base_mean)
