@@ -16,7 +16,9 @@ encoder, latents out), with plain and captured runs interleaved and the median o
    (target >= 2x on CPU), next to the same ratio without capture (what the model itself allows);
 4. the reference approach (a DiTCacheAnalysis-style processor that ``.item()``s each distance, see
    :mod:`benchmarks.reference`): our time / its time (target <= 0.9) and agreement of ``abs_l1``;
-5. CUDA only: the capture's hooks run under ``torch.cuda.set_sync_debug_mode("error")``.
+5. CUDA only: the capture's hooks run under ``torch.cuda.set_sync_debug_mode("error")``;
+6. where the overhead goes: one reduction's issue and wall time per path at the largest captured shape, and the
+   capture with its reductions replaced by a constant (hooks and bookkeeping alone).
 
 Prints a table and writes JSON (default ``benchmarks/out/capture.json``). CPU runs use one intra-op thread
 unless ``--threads`` says otherwise. Results and the history of optimisations: ``benchmarks/RESULTS.md``.
@@ -258,7 +260,8 @@ def measure_batching(pipe, cfg: Config, device: torch.device, log) -> dict[str, 
 
 
 def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Run every capture callback (transformer pre-hook, site hooks, step end) under sync debug mode "error"."""
+    """Run every capture callback (transformer pre-hook, site hooks, context hooks, scheduler and input wrappers)
+    under sync debug mode "error"."""
     if device.type != "cuda":
         return {"status": "skipped (no GPU)", "ok": None}
     cap = capture(pipe, cfg)
@@ -275,8 +278,11 @@ def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
 
     with capture(pipe, cfg):  # compile this call's kernels first: compilation may sync, steady state must not
         pipe(**call_kwargs(cfg, PROMPTS[:2], 4))
-    for name in ("_record", "_on_transformer_call", "_after_step", "_on_set_timesteps", "_on_check_inputs"):
+    for name in ("_on_transformer_call", "_enter_context", "_leave_context", "_after_step", "_on_set_timesteps",
+                 "_on_check_inputs"):
         setattr(cap, name, strict(getattr(cap, name)))
+    make_site_hook = cap._make_site_hook  # the site hooks: tensor extraction and recording
+    cap._make_site_hook = lambda group: strict(make_site_hook(group))
     try:
         with cap:
             pipe(**call_kwargs(cfg, PROMPTS[:2], 4))
@@ -284,6 +290,72 @@ def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
     except RuntimeError as exc:
         return {"status": f"host sync in capture: {exc}".splitlines()[0][:200], "ok": False}
     return {"status": "no host sync in capture hooks (sync debug mode 'error')", "ok": True}
+
+
+# -- where the overhead goes ---------------------------------------------------------------------------------
+class _NoStatistics:
+    """Stands in for the step statistics so that a run times the capture's hooks and bookkeeping alone (the
+    numbers it records are meaningless): the floor of any per-site design, whatever the reduction costs."""
+
+    def __init__(self) -> None:
+        self._results: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, current: torch.Tensor, previous: torch.Tensor | None, rows: int) -> torch.Tensor:
+        key = (current.device, rows)
+        if key not in self._results:
+            self._results[key] = torch.zeros(5, rows, device=current.device)
+        return self._results[key]
+
+
+def measure_breakdown(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
+    """Two questions the overhead rows cannot answer alone. (a) One reduction at the largest captured shape:
+    the CPU time to issue it (no sync) and the wall time per call when issued back to back; on CUDA, a path
+    whose issue time exceeds its GPU time is launch-bound. (b) The capture with the reductions replaced by a
+    constant, interleaved with plain runs: what hooks, views and bookkeeping cost on their own."""
+    from pytest_ditredundancy.fused_stats import StepStatistics
+
+    rows = 2 if cfg.guidance_scale > 1 else 1
+    shape = (rows, cfg.tokens, cfg.hidden)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(shape, device=device).to(dtype)
+    p = (x.float() + 0.01 * torch.randn(shape, device=device)).to(dtype)
+    calls = 200 if device.type == "cuda" else 20
+    per_call: dict[str, Any] = {}
+    for path in PATHS:
+        stats = StepStatistics(path)
+        for _ in range(3):
+            stats(x, p, rows)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            stats(x, p, rows)
+        issued = time.perf_counter() - started
+        synchronize(device)
+        total = time.perf_counter() - started
+        per_call[path] = {"issue_us": issued / calls * 1e6, "wall_us": total / calls * 1e6,
+                          "kernel": stats.summary()["kernel"], "fallback": stats.fallback_reason}
+    log("  per call at " + "x".join(map(str, shape)) + ": " + ", ".join(
+        f"{k} issue {v['issue_us']:.0f} us / wall {v['wall_us']:.0f} us" for k, v in per_call.items()))
+
+    times: dict[str, list[float]] = {"plain": [], "hooks_only": []}
+
+    def plain():
+        return pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
+
+    def hooks_only():
+        cap = capture(pipe, cfg, stats="eager")
+        cap.step_statistics = _NoStatistics()
+        with cap:
+            return pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
+
+    for round_ in range(3):
+        order = [("plain", plain), ("hooks_only", hooks_only)]
+        for name, run in order[round_ % 2:] + order[:round_ % 2]:
+            times[name].append(timed(device, run)[0])
+    overhead = statistics.median(h / p for h, p in zip(times["hooks_only"], times["plain"]))
+    log(f"  hooks and bookkeeping alone: {overhead:.3f}x a plain run")
+    return {"shape": list(shape), "dtype": cfg.dtype, "per_call": per_call, "hooks_only_seconds": times,
+            "hooks_only_overhead": overhead}
 
 
 # -- limits --------------------------------------------------------------------------------------------------
@@ -306,6 +378,11 @@ def limits(pipe, cfg: Config, device: torch.device, overhead: dict[str, Any]) ->
 # -- report --------------------------------------------------------------------------------------------------
 def verdict(ok: bool | None) -> str:
     return "skipped" if ok is None else ("pass" if ok else "FAIL")
+
+
+def row_verdict(row: dict[str, Any]) -> str:
+    """A row whose target is "report" has no verdict: it explains the others."""
+    return "-" if row["target"] == "report" else verdict(row["pass"])
 
 
 def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -357,12 +434,21 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
                      "pass": po["ours_vs_reference"] <= TARGETS["vs_reference"] and agree["ok"]})
     rows.append({"measure": "no host sync in the denoising loop (CUDA)", "value": sync["status"],
                  "target": "no sync", "note": "", "pass": sync["ok"]})
+    brk = res["breakdown"]
+    calls = brk["per_call"]
+    rows.append({"measure": "one reduction at " + "x".join(map(str, brk["shape"])) + f" {brk['dtype']} (issue / wall)",
+                 "value": ", ".join(f"{k} {v['issue_us']:.0f}/{v['wall_us']:.0f} us" for k, v in calls.items()),
+                 "target": "report", "note": "issue: CPU time to launch one call; wall: per call, back to back"
+                 + ("; issue >= wall means launch-bound" if device.type == "cuda" else ""), "pass": None})
+    rows.append({"measure": "hooks and bookkeeping alone (reductions replaced by a constant)",
+                 "value": f"{brk['hooks_only_overhead']:.3f}", "target": "report",
+                 "note": "paired median of 3 rounds against plain: the floor of any per-site reduction", "pass": None})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
     headers = ("measure", "value", "target", "pass/fail", "note")
-    cells = [(r["measure"], r["value"], r["target"], verdict(r["pass"]), r["note"]) for r in rows]
+    cells = [(r["measure"], r["value"], r["target"], row_verdict(r), r["note"]) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
     print(line, file=out)
@@ -460,13 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     results["batching"] = measure_batching(pipe, cfg, device, log)
     log("5. host synchronisation")
     results["sync"] = measure_sync(pipe, cfg, device)
+    log("6. where the overhead goes")
+    results["breakdown"] = measure_breakdown(pipe, cfg, device, log)
     rows = build_rows(cfg, device, results)
     print_table(rows)
     report = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(device),
         "git_commit": git_commit(), "config": asdict(cfg) | {"hidden": cfg.hidden, "tokens": cfg.tokens},
         "quick": args.quick, "targets": TARGETS,
-        "rows": [{**r, "pass": verdict(r["pass"])} for r in rows], "results": results,
+        "rows": [{**r, "pass": row_verdict(r)} for r in rows], "results": results,
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ CPU = Config("pixart-alpha-arch-12x384-256tok", layers=12, heads=6, head_dim=64,
 #: guidance 4.5 (batch of two rows per prompt), as the paper runs it.
 CUDA = Config("pixart-xl-2-1024-size", layers=28, heads=16, head_dim=72, latent=128, patch=2, vae_factor=8,
               steps=20, guidance_scale=4.5, dtype="float16", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,
-              batch_steps=20, batch_repeats=5)
+              batch_steps=20, batch_repeats=3)
 #: --quick: a smoke run of every measurement on a small model (numbers are not meaningful).
 QUICK = Config("quick-4x128-64tok", layers=4, heads=2, head_dim=64, latent=16, patch=2, vae_factor=8, steps=8,
                guidance_scale=1.0, dtype="float32", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,

@@ -187,7 +187,7 @@ def test_a_model_that_fails_to_load_is_not_loaded_again(pytester):
     pytester.makepyfile("def test_a(dit_profile):\n    dit_profile()\n\ndef test_b(dit_profile):\n    dit_profile()\n")
     result = pytester.runpytest_subprocess("--dit-model=./broken", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)
-    text = result.stdout.str()
+    text = result.stdout.str().split("short test summary info")[0]  # under CI the summary repeats messages
     assert text.count("could not load 'broken' from") == 2 and text.count("not retried") == 1
     assert "Traceback" not in text
 
