@@ -213,9 +213,9 @@ def drop_local_paths(directory: Path) -> None:
 #: The shipped recipes. ``trained-pixart-ft`` continues ``trained-pixart`` on a shifted distribution: white
 #: and gray backgrounds only, red shapes three times as often as each other colour.
 RECIPES: dict[str, DitRecipe] = {
-    "trained-pixart": DitRecipe("trained-pixart", "pixart", Schedule(steps=6000, lr=1e-3, warmup=100, batch_size=32),
+    "trained-pixart": DitRecipe("trained-pixart", "pixart", Schedule(steps=15000, lr=1e-3, warmup=100, batch_size=32),
                                 heads=4, head_dim=32, layers=4),
-    "trained-sd3": DitRecipe("trained-sd3", "sd3", Schedule(steps=2000, lr=1e-3, warmup=100, batch_size=32),
+    "trained-sd3": DitRecipe("trained-sd3", "sd3", Schedule(steps=8000, lr=1e-3, warmup=100, batch_size=32),
                              heads=3, head_dim=32, layers=4),
     "trained-pixart-ft": DitRecipe(
         "trained-pixart-ft", "pixart", Schedule(steps=400, lr=3e-4, warmup=20, batch_size=32),
