@@ -1,6 +1,6 @@
 """Detection power of the suites: which real changes each one catches, and which benign ones it never flags.
 
-``python -m benchmarks.gate_power [--model tiny-pixart-alpha] [--quick]``
+``python -m benchmarks.gate_power [--model tiny-pixart-alpha] [--prompt-set NAME] [--quick]``
 
 Takes a model, records in-memory baselines from its profiles (default step count, one other step count, one
 other scheduler), then re-profiles graded, realistic changes — one layer's ``to_k`` scaled by 1.001…1.2,
@@ -34,6 +34,7 @@ from pytest_ditredundancy import statistics as stats
 from pytest_ditredundancy import verdicts
 from pytest_ditredundancy.baselines import _rounded
 from pytest_ditredundancy.io import plain
+from pytest_ditredundancy.prompts import PROMPT_SETS, named_prompts, select_prompts
 from pytest_ditredundancy.profile import RedundancyProfile
 from pytest_ditredundancy.merge import merge_profiles
 from pytest_ditredundancy.schedulers import comparable_scheduler, compatible_schedulers
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gate_power", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-pixart-alpha", help="registered model name (default %(default)s)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts per profile (default %(default)s)")
+    parser.add_argument("--prompt-set", default=None, choices=sorted(PROMPT_SETS),
+                        help="named prompt set (default: 'shapes' for the trained models, which know no other "
+                             "text; the benchmark's own captions otherwise)")
     parser.add_argument("--quick", action="store_true", help="fewer graded steps (a smoke run)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (default %(default)s)")
     args = parser.parse_args(argv)
@@ -302,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = get_spec(args.model)
     from benchmarks.model import PROMPTS
 
-    prompts = (PROMPTS * 2)[:args.prompts]
+    prompt_set = args.prompt_set or ("shapes" if spec.trained else None)
+    if prompt_set is None:
+        prompts = (PROMPTS * 2)[:args.prompts]
+    else:
+        prompts = select_prompts(named_prompts(prompt_set), args.prompts, f"the prompt set {prompt_set!r}")
+    print(f"{args.model}: {len(prompts)} prompts from {prompt_set or 'the benchmark captions'}", file=sys.stderr)
     others = [s for s in compatible_schedulers(spec.prediction) if s != spec.scheduler]
     steps, other_steps = spec.steps, spec.steps * 2
     labels = (f"steps{other_steps}", others[0])
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  measured {change.label}", file=sys.stderr, flush=True)
     summary = summarize(rows)
     print_table(rows, summary)
-    report = {"model": args.model, "prompts": len(prompts), "steps": steps, "other_steps": other_steps,
+    report = {"model": args.model, "prompts": len(prompts), "prompt_set": prompt_set, "steps": steps, "other_steps": other_steps,
               "other_scheduler": others[0], "seconds": time.perf_counter() - started, "rows": rows, "summary": summary,
               "tolerances": {level: resolve(None, level, "cpu").__dict__ for level in LEVELS},
               "torch": torch.__version__}
