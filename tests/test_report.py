@@ -88,7 +88,7 @@ def test_baseline_diff_marks_the_cells_out_of_tolerance(tiny_profiles):
     assert "layout differs" in baseline_diff(profile, baseline, "cpu")["error"]
 
 
-def _document(summary, model="tiny-pixart-alpha"):
+def _document(summary, model="tiny-pixart-alpha", extra_records=()):
     cfg = DitConfig(models=(model,), device="cpu", dtype="auto", prompts=tuple(PROMPTS), prompt_source="",
                     num_prompts=3, steps=4, scheduler=None, seed=0, batch_size=8, baseline_dir=Path("baselines"),
                     update_baselines=False, step_factors=(2.0,), schedulers=(), cv_bounds=(0.0, 0.2),
@@ -101,8 +101,27 @@ def _document(summary, model="tiny-pixart-alpha"):
     tests = {"collected": 1, "results": {nodeid: "passed"}, "messages": {}, "missing": []}
     env = {"versions": {"pytest-ditredundancy": "0"}, "gpus": [], "devices": ["cpu (x86_64)"], "workers": [],
            "platform": "Linux", "cpu_count": 2, "cuda": None}
-    return build_document(run=run, records=[record], summaries=[{**summary, "model": model}], tests=tests,
+    records = [record, *({**r, "model": model, "nodeid": nodeid} for r in extra_records)]
+    return build_document(run=run, records=records, summaries=[{**summary, "model": model}], tests=tests,
                           environment=env, started=0.0, finished=1.0)
+
+
+def test_a_broken_stability_claim_is_never_shown_as_met(tiny_profiles):
+    """A claim the model breaks passes the test (claims are reported unless enforced), so its record says
+    passed; the report must still say the claim is not met, in the summary cell and in the numbers table."""
+    claim = {"family": "pixart-alpha", "suite": "prompt_stability", "statistic": "claim_cv[a]", "value": 0.24,
+             "bounds": [0.0, 0.2], "passed": True, "question": "claim", "met": False, "kind": "a"}
+    held = {**claim, "statistic": "claim_cv[k]", "value": 0.12, "met": True, "kind": "k"}
+    doc = _document(_summary(tiny_profiles[4], 4), extra_records=[claim, held])
+    suite = doc["models"][0]["suites"]["prompt_stability"]
+    assert suite["passed"] and suite["claims_not_met"] == 1
+    html = render_html(doc)
+    assert "1 stability claim of the paper not met" in html
+    rows = [row for row in html.split("<tr>") if "<code>claim_cv[" in row]
+    assert len(rows) == 2
+    broken, kept = (rows[0], rows[1]) if "claim_cv[a]" in rows[0] else (rows[1], rows[0])
+    assert "claim not met" in broken and "paper&#39;s claim" in broken and "✓" not in broken
+    assert "claim not met" not in kept and "✓" in kept
 
 
 def test_html_is_one_self_contained_file_that_escapes_names(tiny_profiles):

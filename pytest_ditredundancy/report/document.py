@@ -112,6 +112,12 @@ def headline(suite: str, records: list[dict[str, Any]]) -> str:
     return f"{len(records) - failed}/{len(records)} checks within bounds"
 
 
+def claim_not_met(record: dict[str, Any]) -> bool:
+    """A stability claim of the paper that the model breaks: reported (it passes unless claims are enforced),
+    but never shown as met."""
+    return record.get("question") == "claim" and record.get("met") is False
+
+
 def bounds_text(records: list[dict[str, Any]]) -> str:
     texts = sorted({f"[{_fmt(r['bounds'][0])}, {_fmt(r['bounds'][1])}]" for r in records
                     if isinstance(r.get("bounds"), list) and len(r["bounds"]) == 2})
@@ -132,7 +138,8 @@ def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: 
     for name, suite in ordered.items():
         suite.update(title=SUITE_TITLES.get(name, name.replace("_", " ").capitalize()),
                      passed=all(r["passed"] for r in suite["records"]),
-                     headline=headline(name, suite["records"]), bounds=bounds_text(suite["records"]))
+                     headline=headline(name, suite["records"]), bounds=bounds_text(suite["records"]),
+                     claims_not_met=sum(claim_not_met(r) for r in suite["records"]))
     own_tests = {nodeid: outcome for nodeid, outcome in tests["results"].items() if tests["models"].get(nodeid) == model}
     bad = sorted(n for n, o in own_tests.items() if o in ("failed", "error", "crashed"))
     if bad or any(not s["passed"] for s in ordered.values()):

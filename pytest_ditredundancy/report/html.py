@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from ..io import atomic_write_text
-from .document import SUITE_ORDER, SUITE_TITLES, kind_label
+from .document import SUITE_ORDER, SUITE_TITLES, claim_not_met, kind_label
 
 #: models whose sections start open; more than this and every section starts closed (drawn when opened)
 OPEN_MODELS = 4
@@ -25,6 +25,7 @@ def _environment() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     env.filters["kind"] = kind_label
+    env.filters["claim_not_met"] = claim_not_met
     env.filters["pct"] = lambda v: "–" if v is None else f"{v:.0%}"
     env.filters["pct1"] = lambda v: "–" if v is None else f"{v:.1%}"
     return env
