@@ -438,8 +438,9 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
     calls = brk["per_call"]
     rows.append({"measure": "one reduction at " + "x".join(map(str, brk["shape"])) + f" {brk['dtype']} (issue / wall)",
                  "value": ", ".join(f"{k} {v['issue_us']:.0f}/{v['wall_us']:.0f} us" for k, v in calls.items()),
-                 "target": "report", "note": "issue: CPU time to launch one call; wall: per call, back to back"
-                 + ("; issue close to wall means the CPU launching it is the bottleneck" if device.type == "cuda" else ""), "pass": None})
+                 "target": "report", "pass": None,
+                 "note": "issue: CPU time to launch one call; wall: per call, back to back"
+                 + ("; issue close to wall: the CPU launching it is the bottleneck" if device.type == "cuda" else "")})
     rows.append({"measure": "hooks and bookkeeping alone (reductions replaced by a constant)",
                  "value": f"{brk['hooks_only_overhead']:.3f}", "target": "report",
                  "note": "paired median of 3 rounds against plain: the floor of any per-site reduction", "pass": None})
