@@ -264,25 +264,9 @@ def measure_sync(pipe, cfg: Config, device: torch.device) -> dict[str, Any]:
     under sync debug mode "error"."""
     if device.type != "cuda":
         return {"status": "skipped (no GPU)", "ok": None}
-    cap = capture(pipe, cfg)
-
-    def strict(function):
-        def wrapper(*args, **kwargs):
-            previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return function(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(previous)
-        return wrapper
-
     with capture(pipe, cfg):  # compile this call's kernels first: compilation may sync, steady state must not
         pipe(**call_kwargs(cfg, PROMPTS[:2], 4))
-    for name in ("_on_transformer_call", "_enter_context", "_leave_context", "_after_step", "_on_set_timesteps",
-                 "_on_check_inputs"):
-        setattr(cap, name, strict(getattr(cap, name)))
-    make_site_hook = cap._make_site_hook  # the site hooks: tensor extraction and recording
-    cap._make_site_hook = lambda group: strict(make_site_hook(group))
+    cap = capture(pipe, cfg).fail_on_host_sync()
     try:
         with cap:
             pipe(**call_kwargs(cfg, PROMPTS[:2], 4))

@@ -116,6 +116,33 @@ class RedundancyCapture:
         self._active = False
         self._active_call = None
 
+    def fail_on_host_sync(self) -> "RedundancyCapture":
+        """Make every callback this capture installs raise where it would make the host wait for a CUDA device
+        (``torch.cuda.set_sync_debug_mode("error")`` while the callback runs): how a GPU test or benchmark
+        proves the capture never syncs. Call it before entering the capture; the pipeline's own syncs, outside
+        the callbacks, stay allowed. Run once without it first: compiling the fused kernels may sync."""
+        if self._active:
+            raise RuntimeError("fail_on_host_sync() wraps the callbacks before they are installed: call it before "
+                               "entering the capture")
+
+        def strict(callback: Any) -> Any:
+            @functools.wraps(callback)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return callback(*args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+            return wrapper
+
+        for name in ("_on_transformer_call", "_enter_context", "_leave_context", "_after_step", "_on_set_timesteps",
+                     "_on_check_inputs"):
+            setattr(self, name, strict(getattr(self, name)))
+        make_site_hook = self._make_site_hook  # the site hooks: tensor extraction and recording
+        self._make_site_hook = lambda group: strict(make_site_hook(group))
+        return self
+
     def _install(self) -> None:
         by_module: dict[int, list[tuple[int, CaptureSite]]] = {}
         modules: dict[int, nn.Module] = {}

@@ -110,3 +110,11 @@ def test_batched_prompts_equal_one_prompt_at_a_time(family):
     np.testing.assert_array_equal(batched.computed, single.computed)
     for metric in batched.values:
         np.testing.assert_allclose(batched.values[metric], single.values[metric], rtol=2e-3, atol=1e-6)
+
+
+def test_fail_on_host_sync_refuses_a_capture_already_entered(tiny_pipeline_cache):
+    """The sync check wraps callbacks before they are installed; wrapping an active capture would check
+    nothing, so it is refused (the check itself runs on CUDA: tests/test_cuda.py)."""
+    cap = capture_redundancy(tiny_pipeline_cache("tiny-pixart-alpha"))
+    with cap, pytest.raises(RuntimeError, match="before entering the capture"):
+        cap.fail_on_host_sync()

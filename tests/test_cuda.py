@@ -80,32 +80,31 @@ def test_capture_callbacks_never_wait_for_the_gpu(cuda_pipeline, stats):
     """Every callback the capture installs runs under sync debug mode "error": a ``.item()``, ``.cpu()`` or
     ``nonzero`` inside them raises. The pipeline's own syncs (the scheduler's step index) stay allowed."""
     run(cuda_pipeline, stats)  # compile this shape's kernels first: compilation may sync, steady state must not
-    cap = capture_redundancy(cuda_pipeline, stats=stats)
-
-    def strict(function):
-        def wrapper(*args, **kwargs):
-            previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return function(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(previous)
-        return wrapper
-
-    callbacks = ("_on_transformer_call", "_enter_context", "_leave_context", "_after_step", "_on_set_timesteps",
-                 "_on_check_inputs")
-    for name in callbacks:
-        setattr(cap, name, strict(getattr(cap, name)))
-    make_site_hook = cap._make_site_hook  # the site hooks: tensor extraction and recording
-    cap._make_site_hook = lambda group: strict(make_site_hook(group))
+    cap = capture_redundancy(cuda_pipeline, stats=stats).fail_on_host_sync()
     with cap:
         cuda_pipeline(**CALL, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)])
     profile = cap.profile()  # the one host transfer, after the run
     assert np.isfinite(profile.values["abs_l1"]).all()
 
 
+def test_a_capture_that_waits_for_the_gpu_fails_the_check(cuda_pipeline):
+    """The check above can fail: step statistics that read a value back to the host raise inside the hook."""
+    run(cuda_pipeline, "eager")
+    cap = capture_redundancy(cuda_pipeline, stats="eager").fail_on_host_sync()
+    statistics = cap.step_statistics
+
+    def syncing(current, previous, rows):
+        current.sum().item()  # a host read-back, as a .item()-per-tensor capture does
+        return statistics(current, previous, rows)
+
+    cap.step_statistics = syncing
+    with pytest.raises(RuntimeError, match="synchroniz"), cap:
+        cuda_pipeline(**CALL, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)])
+    assert torch.cuda.get_sync_debug_mode() == 0  # the mode is restored after the failing callback
+
+
 def test_a_sync_inside_a_callback_is_caught():
-    """The check above can fail: a callback that reads a value back to the host raises under "error"."""
+    """Sync debug mode "error" itself: a value read back to the host raises."""
     x = torch.ones(4, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
