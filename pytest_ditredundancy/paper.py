@@ -92,17 +92,30 @@ def _rotary(call: ModuleCall | None) -> Any:
 
 
 @dataclass(frozen=True)
-class FluxKey:
-    """FLUX (``FluxAttnProcessor``): K = ``norm_k`` output ``(B, N, H, D)`` rotated with the call's RoPE. The
-    joint sequence is ``[text, image]``, so the image tokens of a double block are the last ``N`` positions of
-    the rotary table; a single block's ``norm_k`` already covers the whole joint sequence."""
+class _RotatedKey:
+    """K as a model's processor uses it: ``norm_k``'s output rotated with the RoPE of the attention call
+    (:meth:`rotate`); a call without RoPE gives :meth:`unrotated`."""
 
     def __call__(self, output: Any, call: ModuleCall | None) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor):
             return None
         freqs = _rotary(call)
-        if freqs is None:
-            return output
+        return self.unrotated(output, call) if freqs is None else self.rotate(output, freqs)
+
+    def unrotated(self, output: torch.Tensor, call: ModuleCall | None) -> torch.Tensor:
+        return output
+
+    def rotate(self, output: torch.Tensor, freqs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FluxKey(_RotatedKey):
+    """FLUX (``FluxAttnProcessor``): K = ``norm_k`` output ``(B, N, H, D)`` rotated with the call's RoPE. The
+    joint sequence is ``[text, image]``, so the image tokens of a double block are the last ``N`` positions of
+    the rotary table; a single block's ``norm_k`` already covers the whole joint sequence."""
+
+    def rotate(self, output: torch.Tensor, freqs: Any) -> torch.Tensor:
         from diffusers.models.embeddings import apply_rotary_emb
 
         n = output.shape[1]
@@ -111,17 +124,15 @@ class FluxKey:
 
 
 @dataclass(frozen=True)
-class CogVideoXKey:
+class CogVideoXKey(_RotatedKey):
     """CogVideoX (``CogVideoXAttnProcessor2_0``): ``to_k`` projects the joint ``[text, video]`` sequence; K =
     the video positions of the ``norm_k`` output ``(B, H, S, D)``, rotated with the call's RoPE (one row per
     video token, so the video part is the last ``len(rope)`` positions)."""
 
-    def __call__(self, output: Any, call: ModuleCall | None) -> torch.Tensor | None:
-        if not isinstance(output, torch.Tensor):
-            return None
-        freqs = _rotary(call)
-        if freqs is None:
-            return output[:, :, _text_length(call):]
+    def unrotated(self, output: torch.Tensor, call: ModuleCall | None) -> torch.Tensor:
+        return output[:, :, _text_length(call):]
+
+    def rotate(self, output: torch.Tensor, freqs: Any) -> torch.Tensor:
         from diffusers.models.embeddings import apply_rotary_emb
 
         return apply_rotary_emb(output[:, :, -freqs[0].shape[0]:], freqs)
@@ -141,17 +152,12 @@ def _text_length(call: ModuleCall | None) -> int:
 
 
 @dataclass(frozen=True)
-class MochiKey:
+class MochiKey(_RotatedKey):
     """Mochi (``MochiAttnProcessor2_0``; the study's genmo code does the same): K = ``norm_k`` output
     ``(B, N, H, D)`` of the video tokens, rotated pairwise (even/odd channels) with the call's
     ``(cos, sin)`` in float32, then cast back, as the model's processor does."""
 
-    def __call__(self, output: Any, call: ModuleCall | None) -> torch.Tensor | None:
-        if not isinstance(output, torch.Tensor):
-            return None
-        freqs = _rotary(call)
-        if freqs is None:
-            return output
+    def rotate(self, output: torch.Tensor, freqs: Any) -> torch.Tensor:
         cos, sin = freqs
         even, odd = output[..., 0::2].float(), output[..., 1::2].float()
         real = (even * cos - odd * sin).to(output.dtype)

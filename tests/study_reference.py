@@ -54,6 +54,18 @@ class Record:
         self.previous[key] = value
 
 
+def split_heads(attn, batch: int, query, key, value):
+    """``(B, S, C)`` projections to ``(B, H, S, D)`` with the attention's own q/k norms, as diffusers'
+    processors do; also returns ``D``."""
+    head = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head
+
+
 class SelfAttention:
     """PixArt-α / Latte ``attn1`` (diffusers' ``AttnProcessor2_0`` arithmetic, self-attention on 3-D states)."""
 
@@ -71,12 +83,7 @@ class SelfAttention:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         self.record("k", key)
         self.record("v", value)
-        head = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head = split_heads(attn, batch, query, key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -98,16 +105,11 @@ class JointAttention:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         self.record("k", key)
         self.record("v", value)
-        head = key.shape[-1] // attn.heads
+        query, key, value, head = split_heads(attn, batch, query, key, value)
 
         def heads(t):
             return t.view(batch, -1, attn.heads, head).transpose(1, 2)
 
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         if encoder_hidden_states is not None:
             text_q, text_k, text_v = (heads(p(encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj,
                                                                                  attn.add_v_proj))
@@ -176,12 +178,7 @@ class CogVideoXAttention:
         states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch = states.shape[0]
         query, key, value = attn.to_q(states), attn.to_k(states), attn.to_v(states)
-        head = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head = split_heads(attn, batch, query, key, value)
         if image_rotary_emb is not None:
             query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
             key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
