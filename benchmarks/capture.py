@@ -17,8 +17,10 @@ encoder, latents out), with plain and captured runs interleaved and the median o
 4. the reference approach (a DiTCacheAnalysis-style processor that ``.item()``s each distance, see
    :mod:`benchmarks.reference`): our time / its time (target <= 0.9) and agreement of ``abs_l1``;
 5. CUDA only: the capture's hooks run under ``torch.cuda.set_sync_debug_mode("error")``;
-6. where the overhead goes: one reduction's issue and wall time per path at the largest captured shape, and the
-   capture with its reductions replaced by a constant (hooks and bookkeeping alone).
+6. where the overhead goes: one reduction's issue and wall time per path at the largest captured shape; and the
+   CPU time spent in the site hooks per step (a share of a plain step's) with the reductions replaced by a
+   constant (hooks and bookkeeping alone), by one read of each previous-step tensor (the floor of any capture
+   that compares consecutive steps), and with each real path.
 
 Prints a table and writes JSON (default ``benchmarks/out/capture.json``). CPU runs use one intra-op thread
 unless ``--threads`` says otherwise. Results and the history of optimisations: ``benchmarks/RESULTS.md``.
@@ -291,11 +293,28 @@ class _NoStatistics:
         return self._results[key]
 
 
+class _ReadPrevious(_NoStatistics):
+    """Hooks and bookkeeping plus one read of each previous-step tensor (``previous.sum()``): the least a capture
+    that compares every step with the one before must spend. On CPU the previous step comes back from L3 or DRAM;
+    on CUDA this is one kernel launch per captured tensor."""
+
+    def __call__(self, current: torch.Tensor, previous: torch.Tensor | None, rows: int) -> torch.Tensor:
+        if previous is not None:
+            previous.sum()
+        return super().__call__(current, previous, rows)
+
+
+#: What part (b) of the breakdown runs, besides a plain run: the two stand-ins, then the two real paths.
+BREAKDOWN_MODES = ("hooks_only", "read_previous", *PATHS)
+
+
 def measure_breakdown(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
     """Two questions the overhead rows cannot answer alone. (a) One reduction at the largest captured shape:
     the CPU time to issue it (no sync) and the wall time per call when issued back to back; on CUDA, a path
-    whose issue time exceeds its GPU time is launch-bound. (b) The capture with the reductions replaced by a
-    constant, interleaved with plain runs: what hooks, views and bookkeeping cost on their own."""
+    whose issue time exceeds its GPU time is launch-bound. (b) The CPU time the capture spends in its site hooks
+    per step, as a share of a plain step's CPU time, for the hooks alone, for the floor (:class:`_ReadPrevious`)
+    and for each path; runs interleaved with plain runs, so the wall-time ratio of each is reported too. The
+    in-hook time is robust where wall time is not (a shared machine moves plain runs by 10% or more)."""
     from pytest_ditredundancy.fused_stats import StepStatistics
 
     rows = 2 if cfg.guidance_scale > 1 else 1
@@ -321,25 +340,54 @@ def measure_breakdown(pipe, cfg: Config, device: torch.device, log) -> dict[str,
     log("  per call at " + "x".join(map(str, shape)) + ": " + ", ".join(
         f"{k} issue {v['issue_us']:.0f} us / wall {v['wall_us']:.0f} us" for k, v in per_call.items()))
 
-    times: dict[str, list[float]] = {"plain": [], "hooks_only": []}
+    stand_ins = {"hooks_only": _NoStatistics, "read_previous": _ReadPrevious}
+    times: dict[str, list[float]] = {m: [] for m in ("plain", *BREAKDOWN_MODES)}
+    plain_cpu: list[float] = []
+    in_hooks: dict[str, list[float]] = {m: [] for m in BREAKDOWN_MODES}
 
     def plain():
         return pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
 
-    def hooks_only():
-        cap = capture(pipe, cfg, stats="eager")
-        cap.step_statistics = _NoStatistics()
-        with cap:
-            return pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
+    def captured(mode: str):
+        def run():
+            cap = capture(pipe, cfg, stats=mode if mode in PATHS else "eager")
+            if mode in stand_ins:
+                cap.step_statistics = stand_ins[mode]()
+            spent = [0.0]
+            make_site_hook = cap._make_site_hook
 
-    for round_ in range(3):
-        order = [("plain", plain), ("hooks_only", hooks_only)]
-        for name, run in order[round_ % 2:] + order[:round_ % 2]:
-            times[name].append(timed(device, run)[0])
-    overhead = statistics.median(h / p for h, p in zip(times["hooks_only"], times["plain"]))
-    log(f"  hooks and bookkeeping alone: {overhead:.3f}x a plain run")
-    return {"shape": list(shape), "dtype": cfg.dtype, "per_call": per_call, "hooks_only_seconds": times,
-            "hooks_only_overhead": overhead}
+            def timed_site_hook(group):
+                hook = make_site_hook(group)
+
+                def wrapper(*args):
+                    started = time.thread_time()
+                    hook(*args)
+                    spent[0] += time.thread_time() - started
+                return wrapper
+
+            cap._make_site_hook = timed_site_hook
+            with cap:
+                out = pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
+            in_hooks[mode].append(spent[0] / cfg.steps)
+            return out
+        return run
+
+    order = [("plain", plain), *((m, captured(m)) for m in BREAKDOWN_MODES)]
+    for round_ in range(cfg.repeats):
+        shift = round_ % len(order)
+        for name, run in order[shift:] + order[:shift]:
+            times[name].append(timed(device, run, plain_cpu if name == "plain" else None)[0])
+    plain_step_cpu = statistics.median(plain_cpu) / cfg.steps
+    modes = {}
+    for mode in BREAKDOWN_MODES:
+        own = statistics.median(in_hooks[mode])
+        modes[mode] = {"wall_overhead_paired_median": statistics.median(
+                           c / p for c, p in zip(times[mode], times["plain"])),
+                       "hook_cpu_seconds_per_step": own, "hook_cpu_share": own / plain_step_cpu}
+    log("  in the site hooks per step: " + ", ".join(
+        f"{m} {v['hook_cpu_seconds_per_step'] * 1e3:.2f} ms ({v['hook_cpu_share']:.1%})" for m, v in modes.items()))
+    return {"shape": list(shape), "dtype": cfg.dtype, "per_call": per_call, "seconds": times,
+            "plain_step_cpu_seconds": plain_step_cpu, "modes": modes}
 
 
 # -- limits --------------------------------------------------------------------------------------------------
@@ -425,9 +473,15 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
                  "target": "report", "pass": None,
                  "note": "issue: CPU time to launch one call; wall: per call, back to back"
                  + ("; issue close to wall: the CPU launching it is the bottleneck" if device.type == "cuda" else "")})
-    rows.append({"measure": "hooks and bookkeeping alone (reductions replaced by a constant)",
-                 "value": f"{brk['hooks_only_overhead']:.3f}", "target": "report",
-                 "note": "paired median of 3 rounds against plain: the floor of any per-site reduction", "pass": None})
+    names = {"hooks_only": "hooks and bookkeeping alone", "read_previous": "floor: hooks + one read of each previous step",
+             "eager": "eager statistics", "fused": "fused statistics"}
+    for mode, m in brk["modes"].items():
+        rows.append({"measure": f"in the site hooks: {names[mode]} (CPU per step, share of a plain step)",
+                     "value": f"{m['hook_cpu_seconds_per_step'] * 1e3:.2f} ms = {m['hook_cpu_share']:.1%}",
+                     "target": "report", "pass": None,
+                     "note": f"wall time vs plain, paired median of {cfg.repeats}: {m['wall_overhead_paired_median']:.3f}"
+                             + ("; the least any capture comparing consecutive steps spends" if mode == "read_previous"
+                                else "")})
     return rows
 
 

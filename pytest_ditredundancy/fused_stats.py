@@ -28,10 +28,11 @@ from .metrics import step_stats
 #: a C++ compiler exists; ``fused`` fuses every tensor (still falling back on failure); ``eager`` never fuses.
 MODES = ("auto", "fused", "eager")
 ENV_MODE = "DITREDUNDANCY_STATS"
-#: CPU tensors smaller than this stay eager under ``auto``. Measured per call with a cold cache (as in a
-#: forward pass), fused/eager time is 1.02 at 98k elements, 0.66 at 262k, 0.33 at 1M and 0.20 at 4M; and the
-#: tiny twins' tensors (a few thousand elements) would pay seconds of compilation for milliseconds saved per
-#: ``pytest suites`` run (tiny-pixart-alpha: 16.5 s for its 2 shapes, 0.045 s saved per profile).
+#: CPU tensors smaller than this stay eager under ``auto``: the kernel is faster per call at every size (cold
+#: cache, one thread: 0.50x eager's time at 65k elements, 0.48x at 98k, 0.39x at 262k, 0.31x at 1M), but its
+#: compilation (about 7 s for a process's first shape, inductor's start-up included, then 1 to 1.5 s per shape)
+#: is recovered within a 20-step profile only from about this size (520 µs saved per call). The tiny models'
+#: largest tensors at their default batch of 8 prompts (up to 246k elements) stay below it.
 CPU_MIN_ELEMENTS = 1 << 18
 
 
@@ -57,6 +58,9 @@ class StepStatistics:
     devices: set[str] = field(default_factory=set)
     compile_seconds: float = 0.0
     fallback_reason: str | None = None
+    #: Whether a C++ compiler exists, looked up once per capture: the lookup walks ``PATH`` (about 130 µs,
+    #: more than the fused reduction itself), so per call it was most of the CPU capture's cost.
+    cpu_compiler: bool | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,7 +91,9 @@ class StepStatistics:
         if self.fallback_reason is not None or self.mode == "eager":
             return False
         if tensor.device.type == "cpu":
-            if not cpu_compiler_available():
+            if self.cpu_compiler is None:
+                self.cpu_compiler = cpu_compiler_available()
+            if not self.cpu_compiler:
                 self.fallback_reason = "no C++ compiler for inductor's CPU kernels"
                 return False
             return self.mode == "fused" or tensor.numel() >= CPU_MIN_ELEMENTS

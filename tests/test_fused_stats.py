@@ -106,6 +106,19 @@ def test_auto_mode_fuses_large_cpu_tensors(monkeypatch):
     assert stats.calls == {"fused": 1, "eager": 0}
 
 
+def test_the_compiler_lookup_runs_once_per_capture_not_once_per_tensor(monkeypatch):
+    """The lookup walks PATH (about 130 µs); per call it cost more than the fused reduction it guarded."""
+    lookups = []
+    monkeypatch.setattr(fused_stats, "cpu_compiler_available", lambda: lookups.append(1) or True)
+    monkeypatch.setattr(fused_stats, "_KERNELS", {})
+    monkeypatch.setattr(fused_stats, "compile_fused", lambda x, p: lambda inputs: (step_stats(*inputs, 1),))
+    stats = StepStatistics("fused")
+    x = torch.ones(1, 64)
+    for _ in range(5):
+        stats(x, x, 1)
+    assert stats.calls == {"fused": 5, "eager": 0} and len(lookups) == 1
+
+
 def test_a_failing_compilation_falls_back_to_eager_and_says_why(monkeypatch):
     def broken(x, p):
         raise RuntimeError("C++ compile error: cannot find cpp_prefix.h")
