@@ -473,13 +473,15 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
                  "target": "report", "pass": None,
                  "note": "issue: CPU time to launch one call; wall: per call, back to back"
                  + ("; issue close to wall: the CPU launching it is the bottleneck" if device.type == "cuda" else "")})
-    names = {"hooks_only": "hooks and bookkeeping alone", "read_previous": "floor: hooks + one read of each previous step",
+    names = {"hooks_only": "hooks and bookkeeping alone",
+             "read_previous": "floor: hooks + one read of each previous step",
              "eager": "eager statistics", "fused": "fused statistics"}
     for mode, m in brk["modes"].items():
         rows.append({"measure": f"in the site hooks: {names[mode]} (CPU per step, share of a plain step)",
                      "value": f"{m['hook_cpu_seconds_per_step'] * 1e3:.2f} ms = {m['hook_cpu_share']:.1%}",
                      "target": "report", "pass": None,
-                     "note": f"wall time vs plain, paired median of {cfg.repeats}: {m['wall_overhead_paired_median']:.3f}"
+                     "note": f"wall time vs plain, paired median of {cfg.repeats}: "
+                             f"{m['wall_overhead_paired_median']:.3f}"
                              + ("; the least any capture comparing consecutive steps spends" if mode == "read_previous"
                                 else "")})
     return rows

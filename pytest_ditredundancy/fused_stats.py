@@ -28,7 +28,7 @@ from .metrics import step_stats
 #: a C++ compiler exists; ``fused`` fuses every tensor (still falling back on failure); ``eager`` never fuses.
 MODES = ("auto", "fused", "eager")
 ENV_MODE = "DITREDUNDANCY_STATS"
-#: CPU tensors smaller than this stay eager under ``auto``: the kernel is faster per call at every size (cold
+#: CPU tensors smaller than this stay eager under ``auto``: the kernel is faster per call at almost every size (cold
 #: cache, one thread: 0.50x eager's time at 65k elements, 0.48x at 98k, 0.39x at 262k, 0.31x at 1M), but its
 #: compilation (about 7 s for a process's first shape, inductor's start-up included, then 1 to 1.5 s per shape)
 #: is recovered within a 20-step profile only from about this size (520 µs saved per call). The tiny models'
