@@ -30,6 +30,7 @@ bit.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -92,9 +93,9 @@ def _rotary(call: ModuleCall | None) -> Any:
 
 
 @dataclass(frozen=True)
-class _RotatedKey:
+class _RotatedKey(ABC):
     """K as a model's processor uses it: ``norm_k``'s output rotated with the RoPE of the attention call
-    (:meth:`rotate`); a call without RoPE gives :meth:`unrotated`."""
+    (:meth:`rotate`, each family's own); a call without RoPE gives :meth:`unrotated`."""
 
     def __call__(self, output: Any, call: ModuleCall | None) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor):
@@ -105,8 +106,9 @@ class _RotatedKey:
     def unrotated(self, output: torch.Tensor, call: ModuleCall | None) -> torch.Tensor:
         return output
 
+    @abstractmethod
     def rotate(self, output: torch.Tensor, freqs: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """``output`` rotated as the family's attention processor rotates its keys with ``freqs``."""
 
 
 @dataclass(frozen=True)
