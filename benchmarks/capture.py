@@ -160,6 +160,26 @@ def compare_with_reference(profile, deltas: dict[tuple[str, str], list[float]]) 
             "ok": compared > 0 and not missing and worst <= TARGETS["agreement_rtol"]}
 
 
+def time_site_hooks(cap) -> list[float]:
+    """Make ``cap``'s site hooks (tensor extraction, bookkeeping, statistics) add their thread CPU seconds to the
+    one-element list returned; call before entering the capture. The capture's work runs in those hooks and, on
+    CPU, synchronously, so this is its own cost without the noise of wall time."""
+    spent = [0.0]
+    make_site_hook = cap._make_site_hook
+
+    def timed_site_hook(group):
+        hook = make_site_hook(group)
+
+        def wrapper(*args):
+            started = time.thread_time()
+            hook(*args)
+            spent[0] += time.thread_time() - started
+        return wrapper
+
+    cap._make_site_hook = timed_site_hook
+    return spent
+
+
 def measure_memory(pipe, cfg: Config, device: torch.device, log) -> dict[str, Any]:
     rows = {}
     for steps in cfg.memory_steps:
@@ -182,18 +202,10 @@ def measure_memory(pipe, cfg: Config, device: torch.device, log) -> dict[str, An
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        hook_cpu = [0.0]
-        with capture(pipe, cfg) as cap:
+        cap = capture(pipe, cfg)
+        hook_cpu = time_site_hooks(cap)
+        with cap:
             live["cap"] = cap
-            if device.type == "cpu":  # the capture's own work is synchronous on CPU: time it where it runs
-                record = cap._record
-
-                def timed_record(index, tensor):
-                    started = time.process_time()
-                    record(index, tensor)
-                    hook_cpu[0] += time.process_time() - started
-
-                cap._record = timed_record
             pipe(**call_kwargs(cfg, PROMPTS[:1], steps, callback=sample, callback_steps=1))
         synchronize(device)
         # step_stats' one transient: a float32 difference of the largest captured tensor (freed at return)
@@ -207,7 +219,7 @@ def measure_memory(pipe, cfg: Config, device: torch.device, log) -> dict[str, An
             captured_peak = torch.cuda.max_memory_allocated(device) - base
             row.update(plain_peak=plain_peak, captured_peak=captured_peak, extra_peak=captured_peak - plain_peak)
         rows[steps] = row
-        cap.__dict__.pop("_record", None)  # drop the timing wrapper (a reference cycle through cap)
+        cap.__dict__.pop("_make_site_hook", None)  # drop the timing wrapper (a reference cycle through cap)
         live.clear()
         del cap  # before the next step count's plain run: its tensors must not count in that run's baseline
         log(f"  {steps} steps: capture holds {row['held_peak'] / 2**20:.2f} MiB (+{scratch / 2**20:.2f} MiB transient)"
@@ -353,19 +365,7 @@ def measure_breakdown(pipe, cfg: Config, device: torch.device, log) -> dict[str,
             cap = capture(pipe, cfg, stats=mode if mode in PATHS else "eager")
             if mode in stand_ins:
                 cap.step_statistics = stand_ins[mode]()
-            spent = [0.0]
-            make_site_hook = cap._make_site_hook
-
-            def timed_site_hook(group):
-                hook = make_site_hook(group)
-
-                def wrapper(*args):
-                    started = time.thread_time()
-                    hook(*args)
-                    spent[0] += time.thread_time() - started
-                return wrapper
-
-            cap._make_site_hook = timed_site_hook
+            spent = time_site_hooks(cap)
             with cap:
                 out = pipe(**call_kwargs(cfg, PROMPTS[:1], cfg.steps))[0]
             in_hooks[mode].append(spent[0] / cfg.steps)

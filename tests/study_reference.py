@@ -54,15 +54,17 @@ class Record:
         self.previous[key] = value
 
 
-def split_heads(attn, batch: int, query, key, value):
-    """``(B, S, C)`` projections to ``(B, H, S, D)`` with the attention's own q/k norms, as diffusers'
-    processors do; also returns ``D``."""
+def split_heads(attn, batch: int, query, key, value, norms=None):
+    """``(B, S, C)`` projections to ``(B, H, S, D)`` with q/k norms, as diffusers' processors do: ``norms`` is
+    ``(norm_q, norm_k)``, the attention's own by default (a joint block's text stream passes its ``norm_added_*``);
+    also returns ``D``."""
+    norm_q, norm_k = norms if norms is not None else (attn.norm_q, attn.norm_k)
     head = key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
     return query, key, value, head
 
 
@@ -106,17 +108,9 @@ class JointAttention:
         self.record("k", key)
         self.record("v", value)
         query, key, value, head = split_heads(attn, batch, query, key, value)
-
-        def heads(t):
-            return t.view(batch, -1, attn.heads, head).transpose(1, 2)
-
         if encoder_hidden_states is not None:
-            text_q, text_k, text_v = (heads(p(encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj,
-                                                                                 attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text = (p(encoder_hidden_states) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            text_q, text_k, text_v, _ = split_heads(attn, batch, *text, norms=(attn.norm_added_q, attn.norm_added_k))
             query, key, value = (torch.cat([a, b], dim=2) for a, b in ((query, text_q), (key, text_k), (value, text_v)))
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
