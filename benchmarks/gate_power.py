@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     print_table(rows, summary)
     report = {"model": args.model, "prompts": len(prompts), "prompt_set": prompt_set, "steps": steps,
-              "other_steps": other_steps, "other_scheduler": others[0], "seconds": time.perf_counter() - started, "rows": rows, "summary": summary,
+              "other_steps": other_steps, "other_scheduler": others[0], "seconds": time.perf_counter() - started,
+              "rows": rows, "summary": summary,
               "tolerances": {level: resolve(None, level, "cpu").__dict__ for level in LEVELS},
               "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
