@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pytest_ditredundancy.environment import package_version
+from pytest_ditredundancy.capture.environment import package_version
 
 from .model import FLOPS_PER_ELEMENT, PROMPTS, Config, CPU, CUDA, QUICK, TARGETS, build_pipeline, call_kwargs, capture, synchronize, timed, memory_bandwidth, forward_flops
 from .reference import ReferenceCapture
@@ -66,7 +66,7 @@ def one_step_captured(cap) -> tuple[int, int]:
 
 
 # -- the five measurements -----------------------------------------------------------------------------------
-#: The two ways the capture reduces a step, timed side by side (see pytest_ditredundancy.fused_stats).
+#: The two ways the capture reduces a step, timed side by side (see pytest_ditredundancy.capture.fused_stats).
 PATHS = ("eager", "fused")
 
 
@@ -327,7 +327,7 @@ def measure_breakdown(pipe, cfg: Config, device: torch.device, log) -> dict[str,
     per step, as a share of a plain step's CPU time, for the hooks alone, for the floor (:class:`_ReadPrevious`)
     and for each path; runs interleaved with plain runs, so the wall-time ratio of each is reported too. The
     in-hook time is robust where wall time is not (a shared machine moves plain runs by 10% or more)."""
-    from pytest_ditredundancy.fused_stats import StepStatistics
+    from pytest_ditredundancy.capture.fused_stats import StepStatistics
 
     rows = 2 if cfg.guidance_scale > 1 else 1
     shape = (rows, cfg.tokens, cfg.hidden)

@@ -7,7 +7,7 @@ other scheduler), then re-profiles graded, realistic changes — one layer's ``t
 relative weight noise 1e-4…1e-2, a zeroed attention output projection, a bf16 round trip, another scheduler
 class or config shipped in the checkpoint, another guidance scale — and benign ones (thread count, batch
 size, prompt order, a save/load round trip, a fresh process). Each is judged by the same verdict functions
-the suites use (:mod:`pytest_ditredundancy.verdicts`) at both tolerance levels. Prints a table and writes
+the suites use (:mod:`pytest_ditredundancy.judging.verdicts`) at both tolerance levels. Prints a table and writes
 JSON (default ``benchmarks/out/gate_power.json``): per change and suite, detected or not and the largest
 excess over tolerance (1.0 = on the edge); per suite and level, the smallest change detected in each graded
 family and the false alarms.
@@ -30,15 +30,15 @@ import numpy as np
 import torch
 
 from pytest_ditredundancy import load_model, profile_model
-from pytest_ditredundancy import statistics as stats
-from pytest_ditredundancy import verdicts
-from pytest_ditredundancy.baselines import _rounded
+from pytest_ditredundancy.judging import statistics as stats
+from pytest_ditredundancy.judging import verdicts
+from pytest_ditredundancy.judging.baselines import _rounded
 from pytest_ditredundancy.io import plain
-from pytest_ditredundancy.prompts import PROMPT_SETS, named_prompts, select_prompts
-from pytest_ditredundancy.profile import RedundancyProfile
-from pytest_ditredundancy.merge import merge_profiles
-from pytest_ditredundancy.schedulers import comparable_scheduler, compatible_schedulers
-from pytest_ditredundancy.tolerances import LEVELS, resolve
+from pytest_ditredundancy.profiling.prompts import PROMPT_SETS, named_prompts, select_prompts
+from pytest_ditredundancy.capture.profile import RedundancyProfile
+from pytest_ditredundancy.plugin.merge import merge_profiles
+from pytest_ditredundancy.profiling.schedulers import comparable_scheduler, compatible_schedulers
+from pytest_ditredundancy.judging.tolerances import LEVELS, resolve
 from pytest_ditredundancy.zoo import get_spec
 
 ROOT = Path(__file__).resolve().parent

@@ -24,11 +24,9 @@ import numpy as np
 import torch
 
 from pytest_ditredundancy import load_model, profile_model
-from pytest_ditredundancy import statistics as stats
+from pytest_ditredundancy.judging import statistics as stats
 from pytest_ditredundancy.training.adherence import ATTRIBUTES
-from pytest_ditredundancy.training.evaluate import (
-    adherence_of, evaluation_captions, generate, save_grid, save_loss_curves,
-)
+from pytest_ditredundancy.profiling.samples import adherence_of, evaluation_captions, generate, save_grid, save_loss_curves
 from pytest_ditredundancy.zoo.trained import WEIGHTS
 
 MODELS = ("trained-pixart", "trained-sd3", "trained-pixart-ft")

@@ -17,14 +17,14 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "RedundancyCapture": "capture", "capture_redundancy": "capture",
-    "METRICS": "metrics",
-    "ProfileFormatError": "profile", "ProfileMetadata": "profile", "RedundancyProfile": "profile",
-    "PROTOCOLS": "paper", "ProtocolError": "paper",
-    "PROMPT_SETS": "prompts", "PromptFileError": "prompts", "coco_prompts": "prompts", "default_prompts": "prompts",
-    "load_prompts": "prompts", "named_prompts": "prompts",
-    "RunSettings": "runner", "profile_model": "runner",
-    "KINDS": "sites", "CaptureSite": "sites", "FusedProjectionError": "sites", "discover_sites": "sites",
+    "RedundancyCapture": "capture.hooks", "capture_redundancy": "capture.hooks",
+    "METRICS": "capture.metrics",
+    "ProfileFormatError": "capture.profile", "ProfileMetadata": "capture.profile", "RedundancyProfile": "capture.profile",
+    "PROTOCOLS": "profiling.paper", "ProtocolError": "profiling.paper",
+    "PROMPT_SETS": "profiling.prompts", "PromptFileError": "profiling.prompts", "coco_prompts": "profiling.prompts", "default_prompts": "profiling.prompts",
+    "load_prompts": "profiling.prompts", "named_prompts": "profiling.prompts",
+    "RunSettings": "profiling.runner", "profile_model": "profiling.runner",
+    "KINDS": "capture.sites", "CaptureSite": "capture.sites", "FusedProjectionError": "capture.sites", "discover_sites": "capture.sites",
     "ModelLoadError": "zoo", "ModelSpec": "zoo", "UnknownModelError": "zoo", "get_spec": "zoo", "load_model": "zoo",
     "register_model": "zoo", "registered_models": "zoo",
 }
@@ -46,12 +46,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .capture import RedundancyCapture, capture_redundancy
-    from .metrics import METRICS
-    from .paper import PROTOCOLS, ProtocolError
-    from .profile import ProfileFormatError, ProfileMetadata, RedundancyProfile
-    from .prompts import PROMPT_SETS, PromptFileError, coco_prompts, default_prompts, load_prompts, named_prompts
-    from .runner import RunSettings, profile_model
-    from .sites import KINDS, CaptureSite, FusedProjectionError, discover_sites
-    from .zoo import (ModelLoadError, ModelSpec, UnknownModelError, get_spec, load_model, register_model,
-                      registered_models)
+    from .capture.hooks import RedundancyCapture, capture_redundancy
+    from .capture.metrics import METRICS
+    from .profiling.paper import PROTOCOLS, ProtocolError
+    from .capture.profile import ProfileFormatError, ProfileMetadata, RedundancyProfile
+    from .profiling.prompts import PROMPT_SETS, PromptFileError, coco_prompts, default_prompts, load_prompts, named_prompts
+    from .profiling.runner import RunSettings, profile_model
+    from .capture.sites import KINDS, CaptureSite, FusedProjectionError, discover_sites
+    from .zoo import ModelLoadError, ModelSpec, UnknownModelError, get_spec, load_model, register_model, registered_models

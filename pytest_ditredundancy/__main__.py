@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .merge import MergeError, merge
+from .plugin.merge import MergeError, merge
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plan":
-        from .capture_plan_text import run_plan
+        from .profiling.capture_plan_text import run_plan
 
         return run_plan(args.dit_model, gpu_memory=args.gpu_memory, kinds=args.kinds, batch_size=args.batch_size)
     if not (args.report or args.json or args.profiles_dir):

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from pytest_ditredundancy.metrics import abs_l1, cosine_distance, rel_l1
+from pytest_ditredundancy.capture.metrics import abs_l1, cosine_distance, rel_l1
 
 
 def record_every_step(pipe, run, sites):

@@ -13,8 +13,8 @@ from brute_force import reference_series
 from torch import nn
 
 from pytest_ditredundancy import load_model, profile_model
-from pytest_ditredundancy.adapters import DenoisingLoop, FusedSlice, fused_qkv_sites, profile_loop
-from pytest_ditredundancy.metrics import METRICS
+from pytest_ditredundancy.capture.adapters import DenoisingLoop, FusedSlice, fused_qkv_sites, profile_loop
+from pytest_ditredundancy.capture.metrics import METRICS
 from pytest_ditredundancy.zoo.tiny_parts import seeded
 from pytest_ditredundancy.zoo.tiny_stdit import RectifiedFlowLoop, build_tiny_stdit, from_stdit3
 

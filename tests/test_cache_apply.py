@@ -14,7 +14,7 @@ from pytest_ditredundancy.cache import CacheBatchError, UnsupportedStrategy, app
 from pytest_ditredundancy.cache.apply import attention_modules
 from pytest_ditredundancy.cache.measure import ComputeCounter, RunPlan, run_once, skipped_fractions
 from pytest_ditredundancy.cache.schedule import CacheSchedule, ScheduleError, schedule_from_costs
-from pytest_ditredundancy.runner import settings_for
+from pytest_ditredundancy.profiling.runner import settings_for
 from pytest_ditredundancy.zoo import get_spec
 
 

@@ -14,9 +14,8 @@ import pytest
 from pytest_ditredundancy import profile_model
 from pytest_ditredundancy.cache.measure import RunPlan, budget_sweep, premise_test, run_once
 from pytest_ditredundancy.cache.quality import spearman
-from pytest_ditredundancy.cache.schedule import CacheSchedule, ScheduleError, probe_cells, schedule_from_costs, \
-    schedule_from_profile
-from pytest_ditredundancy.runner import settings_for
+from pytest_ditredundancy.cache.schedule import CacheSchedule, ScheduleError, probe_cells, schedule_from_costs, schedule_from_profile
+from pytest_ditredundancy.profiling.runner import settings_for
 from pytest_ditredundancy.zoo import get_spec
 
 PROMPTS = ["a red bus", "a cat on a sofa"]

@@ -11,12 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pytest_ditredundancy.cache.schedule import (
-    CacheSchedule, ScheduleError, derive_mask, predicted_error, profile_costs, schedule_from_costs,
-    schedule_from_profile, with_budget,
-)
-from pytest_ditredundancy.metrics import METRICS
-from pytest_ditredundancy.profile import ProfileMetadata, RedundancyProfile
+from pytest_ditredundancy.cache.schedule import CacheSchedule, ScheduleError, derive_mask, predicted_error, profile_costs, schedule_from_costs, schedule_from_profile, with_budget
+from pytest_ditredundancy.capture.metrics import METRICS
+from pytest_ditredundancy.capture.profile import ProfileMetadata, RedundancyProfile
 
 costs_arrays = arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(2, 8)),
                       elements=st.one_of(st.floats(0, 3, allow_nan=False), st.just(np.nan)))

@@ -8,8 +8,8 @@ import torch
 from brute_force import cond_rows, record_every_step, reference_series
 
 from pytest_ditredundancy import capture_redundancy, get_spec, profile_model
-from pytest_ditredundancy.runner import call_kwargs, settings_for
-from pytest_ditredundancy.sites import discover_sites
+from pytest_ditredundancy.profiling.runner import call_kwargs, settings_for
+from pytest_ditredundancy.capture.sites import discover_sites
 from pytest_ditredundancy.zoo import tiny_model_names
 
 FAMILIES = [name for name in tiny_model_names() if get_spec(name).family != "open-sora"]

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from pytest_ditredundancy import capture_redundancy, get_spec
-from pytest_ditredundancy.assemble import AmbiguousLayoutError
-from pytest_ditredundancy.runner import call_kwargs, settings_for
-from pytest_ditredundancy.sites import CaptureSite
+from pytest_ditredundancy.capture.assemble import AmbiguousLayoutError
+from pytest_ditredundancy.profiling.runner import call_kwargs, settings_for
+from pytest_ditredundancy.capture.sites import CaptureSite
 from pytest_ditredundancy.zoo import tiny_model_names
 
 PROMPTS = ["a red bus on a bridge", "a cat on a green sofa"]
@@ -158,7 +158,7 @@ def test_ambiguous_error_names_the_argument_in_the_profile_call(tiny_pipeline_ca
     embeddings = _recorded_embeddings(spec, pipe)
     kwargs = _call(spec, pipe, **embeddings, negative_prompt=None)
     del kwargs["prompt"]
-    monkeypatch.setattr("pytest_ditredundancy.capture.call_guidance", lambda pipeline, transformer=None: (None, None))
+    monkeypatch.setattr("pytest_ditredundancy.capture.hooks.call_guidance", lambda pipeline, transformer=None: (None, None))
     with capture_redundancy(pipe) as cap:
         pipe(**kwargs)
     with pytest.raises(AmbiguousLayoutError, match="branch_layout="):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pytest_ditredundancy import capture_redundancy
-from pytest_ditredundancy.metrics import STAT_FIELDS
+from pytest_ditredundancy.capture.metrics import STAT_FIELDS
 
 MODEL = "tiny-pixart-alpha"
 CALL = dict(use_resolution_binning=False, clean_caption=False, height=32, width=32, output_type="latent")

@@ -13,17 +13,12 @@ from dataclasses import replace
 
 import pytest
 
-from pytest_ditredundancy import capture as capture_module
+from pytest_ditredundancy.capture import hooks as capture_module
 from pytest_ditredundancy import profile_model
-from pytest_ditredundancy.capture_plan import (
-    IMAGE, JOINT, TEXT, TEXT_PER_FRAME, _rows_and_calls, parse_memory_size, plan_capture, site_features,
-    site_stream,
-)
-from pytest_ditredundancy.capture_plan_text import fit_on_gpu, format_plan, run_plan
+from pytest_ditredundancy.profiling.capture_plan import IMAGE, JOINT, TEXT, TEXT_PER_FRAME, _rows_and_calls, parse_memory_size, plan_capture, site_features, site_stream
+from pytest_ditredundancy.profiling.capture_plan_text import fit_on_gpu, format_plan, run_plan
 from pytest_ditredundancy.zoo import get_spec, registered_models
-from pytest_ditredundancy.zoo.real_configs import (
-    NoRealConfigError, build_on_meta, load_real_config, real_sites, shipped_models,
-)
+from pytest_ditredundancy.zoo.real_configs import NoRealConfigError, build_on_meta, load_real_config, real_sites, shipped_models
 
 #: Attention layers per layer pattern, from the model cards / papers (FLUX.1: 19 double + 38 single blocks;
 #: PixArt-XL/2: 28; SD3-medium: 24 MMDiT blocks; CogVideoX-5B: 42; Latte-1: 28 spatial + 28 temporal; ...).
@@ -201,7 +196,7 @@ def test_stream_rules_match_captured_tensors(full, recorded_captures, tiny_pipel
 
 
 def test_stream_rules_fail_for_a_wrong_rule(monkeypatch):
-    from pytest_ditredundancy import capture_plan
+    from pytest_ditredundancy.profiling import capture_plan
 
     assert site_stream("flux", "single_transformer_blocks.3.attn", "k") == JOINT
     monkeypatch.setitem(capture_plan.STREAM_RULES, "flux", [])

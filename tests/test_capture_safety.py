@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pytest_ditredundancy import FusedProjectionError, capture_redundancy, get_spec
-from pytest_ditredundancy.sites import CaptureSite
+from pytest_ditredundancy.capture.sites import CaptureSite
 from test_capture import run_once
 
 SPEC = get_spec("tiny-pixart-alpha")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pytest_ditredundancy import capture_redundancy, load_model
-from pytest_ditredundancy.fused_stats import StepStatistics
-from pytest_ditredundancy.metrics import step_stats
+from pytest_ditredundancy.capture.fused_stats import StepStatistics
+from pytest_ditredundancy.capture.metrics import step_stats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

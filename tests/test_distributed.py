@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from dit_runs import FAST, NO_BASELINES, QUICK_SUITES, run_pytest, same_results, use_suites
-from pytest_ditredundancy import distributed, profile_model
-from pytest_ditredundancy.distributed import DeviceAssigner, XdistHooks, configure_worker
-from pytest_ditredundancy.merge import MergeError, Shard, check_shards, merge_profiles
-from pytest_ditredundancy.shard import ShardError, parse_shard, shard_range
+from pytest_ditredundancy.plugin import xdist as distributed
+from pytest_ditredundancy import profile_model
+from pytest_ditredundancy.plugin.xdist import DeviceAssigner, XdistHooks, configure_worker
+from pytest_ditredundancy.plugin.merge import MergeError, Shard, check_shards, merge_profiles
+from pytest_ditredundancy.plugin.shard import ShardError, parse_shard, shard_range
 
 MODELS = "--dit-model=tiny-pixart-alpha,tiny-dit-xl-2-256"
 
@@ -69,7 +70,7 @@ def test_auto_workers_is_one_per_gpu(monkeypatch):
 
 
 def _config(**overrides):
-    from pytest_ditredundancy.options import DitConfig
+    from pytest_ditredundancy.plugin.options import DitConfig
 
     values = dict(models=(), device="auto", dtype="auto", prompts=("a",), prompt_source="", num_prompts=1, steps=None,
                   scheduler=None, seed=0, batch_size=8, baseline_dir=Path("baselines"), update_baselines=False,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ditredundancy.baselines import BaselineStore
+from pytest_ditredundancy.judging.baselines import BaselineStore
 from pytest_ditredundancy.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

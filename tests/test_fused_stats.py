@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_ditredundancy import capture_redundancy, fused_stats
-from pytest_ditredundancy.fused_stats import CPU_MIN_ELEMENTS, StepStatistics
-from pytest_ditredundancy.metrics import metrics_from_stats, step_stats
+from pytest_ditredundancy import capture_redundancy
+from pytest_ditredundancy.capture import fused_stats
+from pytest_ditredundancy.capture.fused_stats import CPU_MIN_ELEMENTS, StepStatistics
+from pytest_ditredundancy.capture.metrics import metrics_from_stats, step_stats
 
 needs_compiler = pytest.mark.skipif(not fused_stats.cpu_compiler_available(), reason="no C++ compiler for inductor")
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_ditredundancy import statistics as stats
-from pytest_ditredundancy import verdicts
-from pytest_ditredundancy.baselines import BaselineError, BaselineStore, profile_section
-from pytest_ditredundancy.cache.check import CacheCheck
+from pytest_ditredundancy.judging import statistics as stats
+from pytest_ditredundancy.judging import verdicts
+from pytest_ditredundancy.judging.baselines import BaselineError, BaselineStore, profile_section
+from pytest_ditredundancy.plugin.cache_gate import CacheCheck
 from pytest_ditredundancy.cache.quality import latent_mse, nonfinite_share, psnr
-from pytest_ditredundancy.merge import MergeError, merge_profiles
-from pytest_ditredundancy.metrics import METRICS
-from pytest_ditredundancy.profile import ProfileMetadata, RedundancyProfile
-from pytest_ditredundancy.schedulers import scheduler_rejection
-from pytest_ditredundancy.tolerances import resolve
+from pytest_ditredundancy.plugin.merge import MergeError, merge_profiles
+from pytest_ditredundancy.capture.metrics import METRICS
+from pytest_ditredundancy.capture.profile import ProfileMetadata, RedundancyProfile
+from pytest_ditredundancy.profiling.schedulers import scheduler_rejection
+from pytest_ditredundancy.judging.tolerances import resolve
 
 METADATA = {"device_class": "cpu", "dtype": "float32", "settings": {"steps": 4}}
 
@@ -237,7 +237,7 @@ def test_stored_tolerances_are_used_and_validated(tmp_path):
 
 
 def test_a_recorded_scheduler_compares_equal_after_any_file_round_trip():
-    from pytest_ditredundancy.schedulers import comparable_scheduler
+    from pytest_ditredundancy.profiling.schedulers import comparable_scheduler
 
     recorded = {"class": "X", "config": {"lambda_min_clipped": float("-inf"), "beta_end": 0.0200000001, "x": [1.0]}}
     in_profile_json = {"class": "X", "config": {"lambda_min_clipped": "-inf", "beta_end": 0.0200000001, "x": [1.0]}}
@@ -251,7 +251,7 @@ def test_a_recorded_scheduler_compares_equal_after_any_file_round_trip():
 def test_flow_dpm_solver_keeps_the_flow_models_shift():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from pytest_ditredundancy.schedulers import make_scheduler
+    from pytest_ditredundancy.profiling.schedulers import make_scheduler
 
     swapped = make_scheduler("flow-dpm-solver", FlowMatchEulerDiscreteScheduler(shift=3.0))
     assert swapped.config.flow_shift == 3.0  # it reads flow_shift and would silently sample shift 1

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pytest_ditredundancy.metrics import abs_l1, cosine_distance, metrics_from_stats, rel_l1, step_stats
+from pytest_ditredundancy.capture.metrics import abs_l1, cosine_distance, metrics_from_stats, rel_l1, step_stats
 
 # Activations: zero or of magnitude 1e-6..1e3 (float32 squares of ~1e-20 are denormal and lose precision).
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32).filter(lambda v: v == 0 or abs(v) >= 1e-6)

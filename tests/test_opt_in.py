@@ -65,8 +65,9 @@ def test_an_unrelated_project_runs_as_if_the_plugin_were_not_installed(unrelated
     assert with_plugin.returncode == 0, with_plugin.stdout + with_plugin.stderr
     state = json.loads((unrelated / "state-main.json").read_text())
     assert not state["torch"]  # nothing imported torch
-    light = {f"pytest_ditredundancy{name}" for name in ("", ".io", ".options", ".plugin", ".prompts", ".relay",
-                                                        ".schedulers", ".tolerances")}
+    light = {f"pytest_ditredundancy{name}" for name in ("", ".io", ".plugin", ".plugin.options", ".plugin.relay",
+                                                        ".profiling", ".profiling.prompts", ".profiling.schedulers",
+                                                        ".judging", ".judging.tolerances")}
     assert set(state["ours"]) <= light, state["ours"]  # the plugin module and its option table's light helpers
     assert "ditredundancy:" not in with_plugin.stdout  # no header, no summary section
     plugins = json.loads((unrelated / "plugins.json").read_text())
@@ -153,8 +154,8 @@ def test_workers_turn_the_controller_on_when_they_send_data(pytester):
     pytest.importorskip("xdist")
     pytester.makeini("[pytest]\n")
     pytester.makepyfile(test_lazy='''
-from pytest_ditredundancy.relay import emit
-from pytest_ditredundancy.session import RECORD_KEY
+from pytest_ditredundancy.plugin.relay import emit
+from pytest_ditredundancy.plugin.session import RECORD_KEY
 
 def test_plain():
     pass

@@ -18,9 +18,9 @@ import torch
 from study_reference import STUDY, study_profile
 
 from pytest_ditredundancy import capture_redundancy, get_spec, profile_model
-from pytest_ditredundancy.paper import PAPER_SETUPS, ProtocolError, paper_spec
-from pytest_ditredundancy.prompts import coco_prompts
-from pytest_ditredundancy.runner import settings_for
+from pytest_ditredundancy.profiling.paper import PAPER_SETUPS, ProtocolError, paper_spec
+from pytest_ditredundancy.profiling.prompts import coco_prompts
+from pytest_ditredundancy.profiling.runner import settings_for
 from pytest_ditredundancy.zoo import tiny_model_names
 
 PAPER_TWINS = [name for name in tiny_model_names() if get_spec(name).family in PAPER_SETUPS]
@@ -73,7 +73,7 @@ def test_rotated_keys_are_not_the_projection_output(name, tiny_pipeline_cache):
     paper = profile_model(pipe, prompts=CAPTIONS[:1], protocol="paper", steps=6)
     settings = settings_for(spec, protocol="paper", steps=6, num_prompts=1, seed=None)
     with capture_redundancy(pipe, kinds=["k"], branch_layout=spec.branch_layout, whole_batch=True) as cap:
-        from pytest_ditredundancy.runner import call_kwargs
+        from pytest_ditredundancy.profiling.runner import call_kwargs
 
         pipe(**call_kwargs(paper_spec(spec), settings, CAPTIONS[:1], pipe, [torch.Generator().manual_seed(settings.seed)]))
     projection = cap.profile()

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pytest_ditredundancy import ProfileFormatError, RedundancyProfile
-from pytest_ditredundancy.metrics import METRICS
-from pytest_ditredundancy.profile import ProfileMetadata
+from pytest_ditredundancy.capture.metrics import METRICS
+from pytest_ditredundancy.capture.profile import ProfileMetadata
 
 
 def make_profile(values: np.ndarray, computed: np.ndarray | None = None) -> RedundancyProfile:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_ditredundancy import PromptFileError, default_prompts, load_prompts
-from pytest_ditredundancy.prompts import select_prompts
+from pytest_ditredundancy.profiling.prompts import select_prompts
 
 
 def test_default_prompt_set_is_large_varied_and_unique():
@@ -98,8 +98,8 @@ def test_named_set_key_and_prompts(tmp_path):
     from dataclasses import replace
 
     from pytest_ditredundancy import coco_prompts, get_spec
-    from pytest_ditredundancy.options import DitConfig
-    from pytest_ditredundancy.session import DitSession
+    from pytest_ditredundancy.plugin.options import DitConfig
+    from pytest_ditredundancy.plugin.session import DitSession
 
     config = DitConfig(models=(), device="cpu", dtype="auto", prompts=tuple(coco_prompts()[:4]), prompt_source="coco1000",
                        num_prompts=4, steps=None, scheduler=None, seed=0, batch_size=8, baseline_dir=tmp_path,
@@ -115,7 +115,7 @@ def test_named_set_key_and_prompts(tmp_path):
 
 
 def test_shapes_set_holds_every_caption_in_a_mixed_seeded_order():
-    from pytest_ditredundancy.prompts import named_prompts
+    from pytest_ditredundancy.profiling.prompts import named_prompts
     from pytest_ditredundancy.training.shapes import all_captions, parse_caption
 
     shapes = named_prompts("shapes")

@@ -13,13 +13,13 @@ import pytest
 
 from dit_runs import FAST, NO_BASELINES, QUICK_SUITES, browser, run_pytest, use_suites
 from pytest_ditredundancy import profile_model
-from pytest_ditredundancy.baselines import Baseline, profile_section
-from pytest_ditredundancy.tolerances import default_table
-from pytest_ditredundancy.options import DitConfig
+from pytest_ditredundancy.judging.baselines import Baseline, profile_section
+from pytest_ditredundancy.judging.tolerances import default_table
+from pytest_ditredundancy.plugin.options import DitConfig
 from pytest_ditredundancy.report import build_document, render_html
 from pytest_ditredundancy.report.document import config_dict
 from pytest_ditredundancy.report.summary import baseline_diff, profile_summary
-from pytest_ditredundancy.runner import settings_for
+from pytest_ditredundancy.profiling.runner import settings_for
 from pytest_ditredundancy.zoo import get_spec
 
 PROMPTS = ["a red bus", "a cat on a sofa", "mountains at dawn"]

@@ -10,12 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pytest_ditredundancy.metrics import METRICS
-from pytest_ditredundancy.profile import ProfileMetadata, RedundancyProfile
-from pytest_ditredundancy.statistics import (
-    CellDrift, PromptStability, ShapeComparison, Signature, compare_shapes, confidence_interval, compare_to_baseline,
-    distinctness, normalized_times, paper_cv, prompt_stability, robust_cv, signature, step_curves, summarize_drift,
-)
+from pytest_ditredundancy.capture.metrics import METRICS
+from pytest_ditredundancy.capture.profile import ProfileMetadata, RedundancyProfile
+from pytest_ditredundancy.judging.statistics import CellDrift, PromptStability, ShapeComparison, Signature, compare_shapes, confidence_interval, compare_to_baseline, distinctness, normalized_times, paper_cv, prompt_stability, robust_cv, signature, step_curves, summarize_drift
 
 positive = st.floats(0.01, 100.0)
 cell_arrays = st.tuples(st.integers(2, 5), st.integers(1, 3), st.integers(1, 4)).flatmap(

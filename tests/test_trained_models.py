@@ -28,7 +28,7 @@ def trained():
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_loads_offline_and_runs_its_real_call(name, trained, monkeypatch):
-    from pytest_ditredundancy.training.evaluate import generate
+    from pytest_ditredundancy.profiling.samples import generate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = trained(name)
@@ -47,7 +47,7 @@ BARS = {"shape": 0.9, "colour": 0.9, "size": 0.9, "position": 0.9, "background":
 
 @pytest.mark.parametrize("name", ["trained-pixart", "trained-sd3"])
 def test_generated_images_match_their_captions(name, trained):
-    from pytest_ditredundancy.training.evaluate import adherence_of
+    from pytest_ditredundancy.profiling.samples import adherence_of
 
     result, _ = adherence_of(trained(name), count=24, seed=1000)
     assert all(result.accuracy[a] >= bar for a, bar in BARS.items()), result.accuracy
@@ -58,7 +58,7 @@ def test_an_untrained_pipeline_of_the_same_class_fails_the_bars():
     from dataclasses import replace
 
     from pytest_ditredundancy.training.dit import RECIPES, build_pipeline
-    from pytest_ditredundancy.training.evaluate import adherence_of
+    from pytest_ditredundancy.profiling.samples import adherence_of
     from pytest_ditredundancy.training.vae import load_vae
     from pytest_ditredundancy.zoo.loading import _SPECS
     from pytest_ditredundancy.zoo.registry import get_spec

@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_ditredundancy.training.shapes import (
-    ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, Distribution, Shape, ShapeDataset, all_captions, parse_caption,
-    render, to_tensor,
-)
+from pytest_ditredundancy.training.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, Distribution, Shape, ShapeDataset, all_captions, parse_caption, render, to_tensor
 
 
 def test_samples_depend_only_on_seed_and_index():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pytest_ditredundancy import ModelLoadError, ModelSpec, UnknownModelError, get_spec, load_model, register_model
-from pytest_ditredundancy.runner import profile_model
+from pytest_ditredundancy.profiling.runner import profile_model
 from pytest_ditredundancy.zoo import registered_models, resolve_spec, tiny_model_names
 from pytest_ditredundancy.zoo.catalog import FULL_SPECS
 
@@ -115,7 +115,7 @@ def test_tiny_names_cover_all_families():
 
 
 def test_scheduler_swaps_start_from_the_original_scheduler(tiny_pipeline_cache):
-    from pytest_ditredundancy.schedulers import apply_scheduler
+    from pytest_ditredundancy.profiling.schedulers import apply_scheduler
 
     pipe = tiny_pipeline_cache("tiny-sd3-medium")
     apply_scheduler(pipe, "flow-euler-karras")

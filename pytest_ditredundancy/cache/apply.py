@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..sites import is_attention_module
+from ..capture.sites import is_attention_module
 from .schedule import CacheSchedule, ScheduleError
 from .spec import CacheSpec
 from .undo import Reversible

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..runner import RunSettings
+from ..profiling.runner import RunSettings
 from ..zoo.registry import ModelSpec
 from .apply import RunTracker, UnsupportedStrategy
 from .spec import CacheSpec

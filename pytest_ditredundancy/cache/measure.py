@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runner import RunSettings, batched, call_kwargs
-from ..schedulers import apply_scheduler
+from ..profiling.runner import RunSettings, batched, call_kwargs
+from ..profiling.schedulers import apply_scheduler
 from ..zoo.registry import ModelSpec
 from .apply import applied, attention_modules, first_tensor
 from .diffusers_cache import StrategyContext

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import atomic_write_text
-from ..profile import RedundancyProfile
+from ..capture.profile import RedundancyProfile
 
 SCHEMA = "pytest-ditredundancy/cache-schedule"
 SCHEMA_VERSION = 1

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from ..checks import PAPER_CV_RANGE
-from ..environment import versions
+from ..plugin.checks import PAPER_CV_RANGE
+from ..capture.environment import versions
 from ..io import atomic_write_text, plain
-from ..options import DitConfig
+from ..plugin.options import DitConfig
 
 SCHEMA = "pytest-ditredundancy/report"
 SCHEMA_VERSION = 1

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import statistics as stats
-from ..baselines import Baseline
-from ..profile import RedundancyProfile
-from ..runner import RunSettings
+from ..judging import statistics as stats
+from ..judging.baselines import Baseline
+from ..capture.profile import RedundancyProfile
+from ..profiling.runner import RunSettings
 
 SUMMARY_METRICS = ("abs_l1", "rel_l1")
 

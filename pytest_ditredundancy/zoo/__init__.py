@@ -1,16 +1,7 @@
 """The model zoo: named specs, tiny offline variants, and loading by name, HF id or local directory."""
 
 from .loading import ModelLoadError, load_model, resolve_spec
-from .registry import (
-    BRANCH_LAYOUTS,
-    ENTRY_POINT_GROUP,
-    ModelSpec,
-    UnknownModelError,
-    get_spec,
-    register_model,
-    registered_models,
-    tiny_model_names,
-)
+from .registry import BRANCH_LAYOUTS, ENTRY_POINT_GROUP, ModelSpec, UnknownModelError, get_spec, register_model, registered_models, tiny_model_names
 
 __all__ = [
     "BRANCH_LAYOUTS", "ENTRY_POINT_GROUP", "ModelLoadError", "ModelSpec", "UnknownModelError", "get_spec",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import DEFAULT_KINDS, CaptureSite, discover_sites, validate_kinds
+from ..capture.sites import DEFAULT_KINDS, CaptureSite, discover_sites, validate_kinds
 from .registry import get_spec
 
 
@@ -118,7 +118,7 @@ def real_sites(real: RealConfig, transformer: nn.Module, kinds: Any = DEFAULT_KI
     kinds = validate_kinds(kinds)
     if real.transformer_class != "STDiT3":
         return discover_sites(transformer, kinds)
-    from ..adapters import fused_qkv_sites
+    from ..capture.adapters import fused_qkv_sites
 
     caption_kv = {id(m.kv_linear) for m in transformer.modules() if isinstance(getattr(m, "kv_linear", None), nn.Module)}
     return [s for s in fused_qkv_sites(transformer, kv="kv_linear", kinds=kinds) if id(s.module) not in caption_kv]

@@ -27,10 +27,7 @@ from diffusers import (
 )
 from transformers import Gemma2Config, Gemma2Model
 
-from .tiny_parts import (
-    bert_encoder, bert_tokenizer, clip_text_encoder, clip_tokenizer, gemma2_encoder, gemma_tokenizer, seeded,
-    t5_encoder, t5_tokenizer, tiny_vae,
-)
+from .tiny_parts import bert_encoder, bert_tokenizer, clip_text_encoder, clip_tokenizer, gemma2_encoder, gemma_tokenizer, seeded, t5_encoder, t5_tokenizer, tiny_vae
 
 HEADS, HEAD_DIM = 2, 16  # two wide heads: CPU attention costs ~2.5x less than four of width 8
 HIDDEN = HEADS * HEAD_DIM  # transformer width; also the text encoders' width unless noted

@@ -1,6 +1,6 @@
 """Tiny offline twin of Open-Sora 1.2: an STDiT3-style video transformer and its rectified-flow sampler.
 
-Open-Sora is not a diffusers pipeline, so this twin is profiled through :mod:`pytest_ditredundancy.adapters`.
+Open-Sora is not a diffusers pipeline, so this twin is profiled through :mod:`pytest_ditredundancy.capture.adapters`.
 It keeps what decides where K, V and A live and how batches fold: patch embedding of ``(B, C, F, H, W)``
 latents; alternating spatial blocks (attention within a frame, frames folded sample-major into the batch,
 ``(B F) S C``) and temporal blocks (attention across frames with rotary positions, ``(B S) F C``); in each, a
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import fused_qkv_sites
-from ..sites import CaptureSite
+from ..capture.adapters import fused_qkv_sites
+from ..capture.sites import CaptureSite
 from .tiny_parts import seeded, t5_encoder, t5_tokenizer
 
 TEXT_DIM = 32  # width of the tiny T5's hidden states
@@ -206,7 +206,7 @@ def _half_resolution(num_frames: int, height: int, width: int) -> tuple[int, int
 
 
 class RectifiedFlowLoop:
-    """Open-Sora's rectified-flow sampler as a :class:`~pytest_ditredundancy.adapters.DenoisingLoop`.
+    """Open-Sora's rectified-flow sampler as a :class:`~pytest_ditredundancy.capture.adapters.DenoisingLoop`.
 
     ``text_encoder`` follows Open-Sora's interface (``encode``, ``null``); ``latent_size(frames, height,
     width)`` maps a pixel size to the latent ``(F, H, W)``. Each step calls ``transformer(z_in, t, y=...,

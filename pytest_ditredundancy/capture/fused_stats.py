@@ -1,0 +1,165 @@
+"""The five step statistics in one fused pass over the current and previous tensor (inductor).
+
+Eager :func:`~pytest_ditredundancy.capture.metrics.step_stats` needs about eight passes over ``x`` and ``p`` (five
+reductions and their temporaries); the previous step's ``p`` comes from DRAM every time. Written as one
+expression, inductor fuses the five row reductions into one loop that reads ``x`` and ``p`` once and writes
+nothing but the ``(5, rows)`` result: a C++/OpenMP kernel on CPU (needs a C++ compiler), a Triton kernel on
+CUDA. One kernel is compiled per shape, strides, dtype and device and shared by every capture of the process
+(a model has a handful of distinct K/V/A shapes).
+
+:class:`StepStatistics` chooses per call: the fused kernel where it is enabled and worth it, the eager path
+otherwise, and for good after a compilation failure (the reason is kept). What ran is counted, so the profile
+metadata and the benchmark can say which path produced the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .metrics import step_stats
+
+#: Modes: ``auto`` fuses on CUDA, and on CPU for tensors of at least :data:`CPU_MIN_ELEMENTS` elements where
+#: a C++ compiler exists; ``fused`` fuses every tensor (still falling back on failure); ``eager`` never fuses.
+MODES = ("auto", "fused", "eager")
+ENV_MODE = "DITREDUNDANCY_STATS"
+#: CPU tensors smaller than this stay eager under ``auto``: the kernel is faster per call at almost every size (cold
+#: cache, one thread: 0.50x eager's time at 65k elements, 0.48x at 98k, 0.39x at 262k, 0.31x at 1M), but its
+#: compilation (about 7 s for a process's first shape, inductor's start-up included, then 1 to 1.5 s per shape)
+#: is recovered within a 20-step profile only from about this size (520 µs saved per call). The tiny models'
+#: largest tensors at their default batch of 8 prompts (up to 246k elements) stay below it.
+CPU_MIN_ELEMENTS = 1 << 18
+
+
+def _fused_rows(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``(5, rows)`` float32: sum|d|, ||d||, <x,p>, sum|x|, ||x|| with d = x - p, accumulated in float32."""
+    x = x.float()
+    p = p.float()
+    d = x - p
+    return torch.stack((d.abs().sum(1), (d * d).sum(1).sqrt(), (x * p).sum(1), x.abs().sum(1),
+                        (x * x).sum(1).sqrt()))
+
+
+#: Most compiled kernels one process keeps (one per shape, strides, dtype and device); beyond, eager.
+MAX_KERNELS = 64
+
+
+@dataclass
+class StepStatistics:
+    """Step statistics for one capture: fused where enabled and worth it, eager otherwise; counts what ran."""
+
+    mode: str = "auto"
+    calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "eager": 0})
+    devices: set[str] = field(default_factory=set)
+    compile_seconds: float = 0.0
+    fallback_reason: str | None = None
+    #: Whether a C++ compiler exists, looked up once per capture: the lookup walks ``PATH`` (about 130 µs,
+    #: more than the fused reduction itself), so per call it was most of the CPU capture's cost.
+    cpu_compiler: bool | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown step statistics mode {self.mode!r}; choose from {', '.join(MODES)} "
+                             f"(set with capture_redundancy(..., stats=...) or {ENV_MODE})")
+
+    def __call__(self, current: torch.Tensor, previous: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """:func:`~pytest_ditredundancy.capture.metrics.step_stats`'s result. A series' first step (no ``previous``)
+        needs only two reductions of ``x``: it always runs eagerly and is not counted."""
+        if previous is None:
+            return step_stats(current, None, rows)
+        if self._use_fused(current):
+            x, p = current.detach().reshape(rows, -1), previous.detach().reshape(rows, -1)
+            try:
+                kernel = self._kernel(x, p)
+                if kernel is not None:
+                    result = kernel([x, p])[0]
+                    self.calls["fused"] += 1
+                    self.devices.add(x.device.type)
+                    return result
+            except Exception as exc:  # an inductor or compiler failure: eager from now on, reason kept
+                text = str(exc).strip().splitlines()
+                self.fallback_reason = f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+        self.calls["eager"] += 1
+        return step_stats(current, previous, rows)
+
+    def _use_fused(self, tensor: torch.Tensor) -> bool:
+        if self.fallback_reason is not None or self.mode == "eager":
+            return False
+        if tensor.device.type == "cpu":
+            if self.cpu_compiler is None:
+                self.cpu_compiler = cpu_compiler_available()
+            if not self.cpu_compiler:
+                self.fallback_reason = "no C++ compiler for inductor's CPU kernels"
+                return False
+            return self.mode == "fused" or tensor.numel() >= CPU_MIN_ELEMENTS
+        return tensor.device.type == "cuda"
+
+    def _kernel(self, x: torch.Tensor, p: torch.Tensor) -> Callable[[list], tuple] | None:
+        key = (x.device, x.dtype, p.dtype, tuple(x.shape), x.stride(), p.stride())
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            if len(_KERNELS) >= MAX_KERNELS:
+                return None
+            started = time.perf_counter()
+            kernel = _KERNELS[key] = compile_fused(x, p)
+            self.compile_seconds += time.perf_counter() - started
+        return kernel
+
+    def path(self) -> str:
+        """What produced the numbers: ``fused``, ``eager``, or ``mixed`` (fused for large tensors only)."""
+        fused, eager = self.calls["fused"], self.calls["eager"]
+        if fused and not eager:
+            return "fused"
+        return "mixed" if fused else "eager"
+
+    def summary(self) -> dict[str, Any]:
+        """Plain, reproducible data for the profile metadata (``extra["step_stats"]``); the benchmark adds
+        :attr:`compile_seconds` (timing varies from run to run, so it stays out of profiles)."""
+        backend = {"cpu": "inductor C++", "cuda": "inductor Triton"}
+        return {"mode": self.mode, "path": self.path(), "fused_calls": self.calls["fused"],
+                "eager_calls": self.calls["eager"],
+                "kernel": ", ".join(backend.get(d, d) for d in sorted(self.devices)) or None,
+                "fallback": self.fallback_reason}
+
+
+#: Compiled kernels of this process, by (device, dtypes, shape, strides): every capture shares them.
+_KERNELS: dict[tuple, Callable[[list], tuple]] = {}
+
+
+def compile_fused(x: torch.Tensor, p: torch.Tensor) -> Callable[[list], tuple]:
+    """Inductor's kernel for :func:`_fused_rows` at these inputs' shape, strides and dtypes.
+
+    The graph goes straight to inductor's graph compiler (what ``torch.compile`` ends in): the frame-evaluation
+    and autograd wrappers ``torch.compile`` puts around a compiled function cost about 100 µs per call on a
+    CPU, more than the whole fused reduction of a 100k-element tensor. The kernel asserts the shape and
+    strides it was built for, and inductor's on-disk cache makes a later process's compilation cheap.
+    """
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad():
+        graph = make_fx(lambda a, b: (_fused_rows(a, b),), decomposition_table=select_decomp_table())(x, p)
+        kernel = compile_fx_inner(graph, [x, p])
+        kernel([x, p])  # the first call loads the compiled module; failures surface here, not in a hook later
+    return kernel
+
+
+def cpu_compiler_available() -> bool:
+    """Whether inductor can build CPU kernels here (it needs a C++ compiler)."""
+    from torch._inductor import config
+
+    configured = config.cpp.cxx[0] if isinstance(config.cpp.cxx, (tuple, list)) else config.cpp.cxx
+    names = [configured] if configured else []
+    names += [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    return any(name and shutil.which(name) for name in names)
+
+
+def default_mode() -> str:
+    """The mode of a capture that does not choose one: ``DITREDUNDANCY_STATS`` or ``auto``."""
+    return os.environ.get(ENV_MODE, "auto") or "auto"

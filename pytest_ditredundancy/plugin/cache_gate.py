@@ -1,0 +1,363 @@
+"""The cache gate: one model x one caching strategy, measured, compared with its baseline, recorded.
+
+Per strategy the gate asserts the output quality (PSNR against the uncached run, same seeds and prompts)
+and the fraction of attention compute skipped, each within ``[low, high]`` bounds stored in the model's
+baseline (``suites.cache_gate.<spec>``). Below ``low`` is a regression; above ``high`` is an unexplained
+jump, flagged too (a cache that suddenly skips more, or an output that suddenly matches better, means the
+mechanism changed). Wall-time speedup, SSIM, latent MSE and, for the profile schedule, the predicted-vs-
+measured error sweep and its Spearman correlation are recorded for the report; the Spearman correlation
+is also held to a floor below its stored value (the profile must keep predicting the error).
+
+The profile strategy's schedule is data: with ``--dit-update-baselines`` it is derived from the session's
+profile and stored with the bounds; later runs replay the stored schedule, so the gate measures the model
+and the mechanism, not profile drift (the baseline-regression suite gates that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ..judging.baselines import BaselineError
+from .checks import SuiteCheck
+from .relay import emit
+from .session import BASELINE_USED_KEY, DitSession
+from ..zoo.registry import ModelSpec
+from ..cache import adherence
+from ..cache.apply import CacheBatchError, UnsupportedStrategy, attention_modules
+from .cache_options import cache_options
+from ..cache.diffusers_cache import strategy_failure
+from ..cache.measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, premise_test, run_once, skipped_fractions, speedup, time_interleaved
+from ..cache.quality import PSNR_CAP, QualityDependencyError, latent_mse, nonfinite_share, psnr, require_scikit_image, spearman, ssim
+from ..cache.schedule import CacheSchedule, ScheduleError, schedule_from_profile
+from ..cache.spec import CacheSpec
+
+SUITE = "cache_gate"
+#: Half-widths of stored bounds per device class. CPU runs repeat to ~1e-6; on GPUs a cache's skip decisions
+#: (FBCache's threshold test) can flip with kernel noise, so skipped fractions move by whole steps.
+#: latent MSE is held within a relative band (CPU runs repeat it to ~1e-6; GPU kernels move it by up to 2x).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "cpu": {"psnr_db": 0.5, "psnr_relative": 0.01, "skipped": 0.02, "spearman": 0.2, "mse_relative": 0.05,
+            "mse_absolute": 1e-12},
+    "cuda": {"psnr_db": 3.0, "psnr_relative": 0.05, "skipped": 0.1, "spearman": 0.4, "mse_relative": 1.0,
+             "mse_absolute": 1e-9},
+}
+#: single-cell probes of the premise test (skip one layer at one step, measure the error it causes)
+PREMISE_CELLS = 12
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _tolerance(device_class: str) -> dict[str, float]:
+    return TOLERANCES.get(device_class, TOLERANCES["cuda"])
+
+
+def _state(session: DitSession) -> dict[tuple, Any]:
+    """Per-session memo of uncached reference runs, MagCache ratios and sweeps (shared across strategies)."""
+    return vars(session).setdefault("_cache_gate_memo", {})
+
+
+@dataclass
+class CacheCheck:
+    """The gate for one model and one strategy; obtained from the ``dit_cache_check`` fixture::
+
+        def test_cache_gate(dit_cache_check):
+            dit_cache_check.gate()
+    """
+
+    session: DitSession
+    spec: ModelSpec
+    item: pytest.Item
+    strategy: CacheSpec
+
+    def __post_init__(self) -> None:
+        self.suite = SuiteCheck(self.session, self.spec, self.item)
+        self.options = cache_options(self.item.config)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def plan(self) -> RunPlan:
+        config = self.session.config
+        return RunPlan(self.session.slot.get(self.spec), self.spec, self.suite.settings, list(config.prompts),
+                       config.seed, config.batch_size)
+
+    def reference(self, plan: RunPlan) -> RunResult:
+        key = ("reference", self.spec.name, self.suite.key)
+        memo = _state(self.session)
+        if key not in memo:
+            memo[key] = run_once(plan, count=True)
+        return memo[key]
+
+    def schedule(self, stored: dict | None) -> CacheSchedule | None:
+        """The profile strategy's schedule: a file, else the baseline's, else derived from the profile."""
+        if self.strategy.strategy != "profile":
+            return None
+        try:
+            if "schedule" in self.strategy.params:
+                schedule = CacheSchedule.load(self.strategy.params["schedule"])
+                schedule.source = f"file {self.strategy.params['schedule']}"
+            elif stored and stored.get("schedule") and not self.session.config.update_baselines:
+                schedule = CacheSchedule.from_dict(stored["schedule"], source=f"baseline of {self.spec.name}")
+                schedule.source = "baseline"
+                self._check_replayed(schedule)
+            else:
+                schedule = schedule_from_profile(self.session.profile(self.spec), model=self.spec.name,
+                                                 budget=self.strategy.get("budget"),
+                                                 threshold=self.strategy.get("threshold"))
+            names = [name for name, _ in attention_modules(self.session.slot.get(self.spec).transformer)]
+            schedule.validate(names, steps=self.suite.settings.steps, model=self.spec.name)
+        except ScheduleError as exc:
+            problem = str(exc)
+        else:
+            return schedule
+        pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {problem}", pytrace=False)
+
+    def _check_replayed(self, schedule: CacheSchedule) -> None:
+        """A stored schedule is replayed only for the spec that made it (same budget / threshold)."""
+        for name in ("budget", "threshold"):
+            wanted, stored = self.strategy.get(name), getattr(schedule, name)
+            if wanted != stored:
+                raise ScheduleError(
+                    f"the baseline's schedule was derived with {name}={stored}, but the strategy asks for "
+                    f"{name}={wanted}; replaying it would gate another schedule. Update the baseline:\n    "
+                    f"{self._update_command()}")
+
+    def context(self, plan: RunPlan):
+        if self.strategy.strategy != "magcache" or self.strategy.get("mag_ratios", "calibrate") != "calibrate":
+            return plan.context()
+        key = ("magcache", self.spec.name, self.suite.key, self.strategy.text)
+        memo = _state(self.session)
+        if key not in memo:
+            memo[key] = calibrate_magcache(plan, self.strategy)
+        return plan.context(mag_ratios=memo[key])
+
+    # -- the gate -------------------------------------------------------------------------------------------
+    def gate(self) -> dict[str, Any]:
+        """Measure, compare with the baseline (or store it with ``--dit-update-baselines``), record."""
+        if getattr(self.session.config, "shard", None):
+            pytest.skip("the cache gate runs every prompt: run it without --dit-shard")
+        if getattr(self.session.config, "protocol", "project") != "project":
+            pytest.skip("the cache gate runs on the project's protocol (every attention layer, prompt i seeded "
+                        "seed + i): run it without --dit-protocol=paper")
+        try:
+            require_scikit_image()
+        except QualityDependencyError as exc:
+            pytest.skip(str(exc))
+        plan = self.plan()
+        if not hasattr(plan.pipe, "transformer") or getattr(plan.pipe, "scheduler", None) is None:
+            pytest.skip(f"{self.spec.name} is not a diffusers pipeline with a transformer and a scheduler "
+                        f"({type(plan.pipe).__name__}); caching strategies are applied to those only")
+        baseline = None if self.session.config.update_baselines else self.suite.baseline()
+        stored = ((baseline.suite(SUITE) or {}) if baseline else {}).get(self.strategy.text)
+        schedule = self.schedule(stored)
+        reference = self.reference(plan)
+        outcome, message = None, ""
+        try:
+            context = self.context(plan)
+            cached = run_once(plan, self.strategy, schedule=schedule, context=context, count=True)
+        except UnsupportedStrategy as exc:
+            if stored:  # the baseline holds an entry: it ran when the baseline was recorded
+                outcome, message = pytest.fail, (f"{self.strategy} on {self.spec.name} no longer runs ({exc}), but its "
+                                                 "baseline holds an entry for it")
+            else:
+                outcome, message = pytest.skip, f"{self.strategy} on {self.spec.name}: {exc}"
+        except CacheBatchError as exc:
+            outcome, message = pytest.fail, str(exc)
+        except Exception as exc:
+            where = strategy_failure(exc) if self.strategy.strategy not in ("none", "profile") else None
+            if where is None:
+                raise
+            if stored:  # it ran when the baseline was recorded: a regression, not a missing feature
+                outcome, message = pytest.fail, f"{self.strategy} on {self.spec.name} now fails: {where}"
+            else:
+                outcome, message = pytest.skip, f"{self.strategy} does not support {self.spec.name}: {where}"
+        if outcome is pytest.skip:
+            pytest.skip(message)
+        if outcome is pytest.fail:
+            pytest.fail(message, pytrace=False)
+        self._require_finite(reference, cached)
+        fallback = self.options.min_psnr is not None or self.options.min_skipped is not None
+        if not self.session.config.update_baselines and stored is None and not fallback:
+            self._missing()  # after the support check (unsupported skips), before timing and the sweep
+        result = self.measure(plan, reference, cached, schedule, context)
+        return self.judge(result, stored, schedule)
+
+    def _require_finite(self, reference: RunResult, cached: RunResult) -> None:
+        for label, run in (("uncached", reference), (f"cached ({self.strategy})", cached)):
+            for what, values in (("decoded output", run.images), ("final latents", run.latents)):
+                share = nonfinite_share(values)
+                if share:
+                    pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: the {label} run's {what} are "
+                                f"non-finite ({share:.1%} NaN/inf); nothing can be judged or stored from it",
+                                pytrace=False)
+
+    def measure(self, plan: RunPlan, reference: RunResult, cached: RunResult, schedule: CacheSchedule | None,
+                context: Any) -> dict[str, Any]:
+        uncached_s, cached_s = time_interleaved(
+            lambda: run_once(plan), lambda: run_once(plan, self.strategy, schedule=schedule, context=context),
+            self.options.repeats)
+        result = {
+            "psnr": psnr(reference.images, cached.images), "ssim": ssim(reference.images, cached.images),
+            "latent_mse": latent_mse(reference.latents, cached.latents),
+            "skipped": skipped_fractions(reference, cached), "speedup": speedup(uncached_s, cached_s),
+            "seconds": {"uncached": uncached_s, "cached": cached_s}, "strategy_counters": cached.strategy,
+            "sweep": None, "premise": None, "spearman": None, "adherence": None,
+        }
+        if adherence.applies_to(self.spec):
+            try:
+                result["adherence"] = adherence.measure(plan.prompts, reference.images, cached.images)
+            except adherence.AdherenceError as exc:
+                pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {exc}", pytrace=False)
+        if schedule is not None and schedule.costs is not None:
+            result["sweep"] = self.sweep(plan, schedule, reference)
+            result["premise"], result["spearman"] = self.premise(plan, schedule, reference)
+        return result
+
+    def _memo_key(self, what: str, schedule: CacheSchedule, *extra: Any) -> tuple:
+        digest = hashlib.sha256(json.dumps(schedule.costs).encode()).hexdigest()[:12]
+        return (what, self.spec.name, self.suite.key, digest, *extra)
+
+    def sweep(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> list[dict]:
+        """Budget sweep (cheapest-first and costliest-first) for the report's quality/skip frontier."""
+        key, memo = self._memo_key("sweep", schedule, self.options.budgets), _state(self.session)
+        if key not in memo:
+            memo[key] = [p.__dict__ for p in budget_sweep(plan, schedule, self.options.budgets, reference)]
+        return memo[key]
+
+    def premise(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> tuple[list[dict], float | None]:
+        """Single-cell probes and the Spearman correlation of profile cost with measured error."""
+        key, memo = self._memo_key("premise", schedule, PREMISE_CELLS), _state(self.session)
+        if key not in memo:
+            points = premise_test(plan, schedule, reference, PREMISE_CELLS)
+            value = spearman([p.predicted_error for p in points], [p.measured_error for p in points])
+            memo[key] = ([p.__dict__ for p in points], value)
+        return memo[key]
+
+    def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None) -> dict[str, Any]:
+        tol = _tolerance(self.session.device_class)
+        scored = result["adherence"]
+        values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"],
+                  "latent_mse": result["latent_mse"], "adherence": scored.cached if scored else None}
+        if self.strategy.strategy != "none" and values["skipped"] <= 0.0:
+            pytest.fail(f"cache gate {self.strategy} on {self.spec.name} skipped no attention compute: it would only "
+                        "gate a cache that does nothing. Choose settings under which it skips (e.g. a higher "
+                        "fbcache:threshold=...), or deselect it for this model", pytrace=False)
+        update = self.session.config.update_baselines
+        if update:
+            bounds = self._new_bounds(values, tol)
+            entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": values["latent_mse"],
+                     "skipped_attention": values["skipped"], "skipped_transformer": result["skipped"]["transformer"],
+                     "speedup": result["speedup"], "spearman": values["spearman"], "bounds": bounds}
+            if scored is not None:
+                bounds["adherence"] = adherence.new_bounds(scored, self.session.device_class)
+                entry["adherence"] = scored.cached
+            if schedule is not None:
+                entry["schedule"] = schedule.to_dict()
+            self._store(entry)
+        elif stored is not None:
+            bounds = stored.get("bounds", {})
+        elif self.options.min_psnr is not None or self.options.min_skipped is not None:
+            bounds = {"psnr": [self.options.min_psnr, None], "skipped": [self.options.min_skipped, None]}
+        else:
+            self._missing()
+        failures = self._failures(values, bounds, stored)
+        lost_prompt = adherence.drop_failure(scored, self.session.device_class) if scored else None
+        if lost_prompt:
+            failures.append(lost_prompt)
+        record = self._record(result, values, bounds, schedule, passed=not failures, updated=update)
+        if failures:
+            fix = self._update_command()
+            pytest.fail(f"cache gate of {self.spec.name} with {self.strategy} changed ({self.suite.key}):\n"
+                        + "\n".join(failures) + f"\nIf the change is intended, update the baseline:\n    {fix}",
+                        pytrace=False)
+        return record
+
+    def _update_command(self) -> str:
+        """The command that rewrites this model's cache-gate entries (for every strategy the run selects)."""
+        return self.session.command(self.spec, "--dit-update-baselines", f"-k {SUITE}")
+
+    def _missing(self) -> None:
+        pytest.fail(f"no cache_gate baseline for {self.spec.name} with {self.strategy} (settings {self.suite.key}) in "
+                    f"{self.session.store.path_for(self.suite.baseline_name, self.suite.key)}.\nCreate it with:\n    "
+                    f"{self._update_command()}", pytrace=False)
+
+    @staticmethod
+    def _new_bounds(values: dict[str, Any], tol: dict[str, float]) -> dict[str, list]:
+        p, s, mse = values["psnr"], values["skipped"], values["latent_mse"]
+        half = max(tol["psnr_db"], tol["psnr_relative"] * p)
+        spread = tol["mse_relative"] * mse + tol["mse_absolute"]
+        bounds = {"psnr": [max(0.0, p - half), min(PSNR_CAP, p + half)],
+                  "skipped": [max(0.0, s - tol["skipped"]), min(1.0, s + tol["skipped"])],
+                  "latent_mse": [max(0.0, mse - spread), mse + spread]}
+        if values["spearman"] is not None:
+            bounds["spearman"] = [max(-1.0, values["spearman"] - tol["spearman"]), None]
+        return bounds
+
+    def _failures(self, values: dict[str, Any], bounds: dict[str, list], stored: dict | None) -> list[str]:
+        labels = {"psnr": ("PSNR", "dB", "output quality regressed"),
+                  "skipped": ("attention compute skipped", "", "the cache skips less: it got slower"),
+                  "spearman": ("Spearman(predicted, measured error)", "", "the profile no longer predicts the error"),
+                  "latent_mse": ("latent MSE", "", "the final latents moved less than before: the cache changed"),
+                  "adherence": ("prompt adherence", "", "the cached images follow their prompts less often")}
+        stored_values = {"psnr": (stored or {}).get("psnr"), "skipped": (stored or {}).get("skipped_attention"),
+                         "spearman": (stored or {}).get("spearman"), "latent_mse": (stored or {}).get("latent_mse"),
+                         "adherence": (stored or {}).get("adherence")}
+        failures = []
+        for name, (label, unit, below) in labels.items():
+            lo, hi = (list(bounds.get(name) or []) + [None, None])[:2]
+            value = values.get(name)
+            if lo is None and hi is None:
+                continue
+            if value is None or not math.isfinite(value):
+                failures.append(f"  {label} could not be measured ({_fmt(value)}) but the baseline bounds it "
+                                f"[{_fmt(lo)}, {_fmt(hi)}]")
+                continue
+            if name == "latent_mse" and hi is not None and value > hi + 1e-15:
+                failures.append(f"  {label} {_fmt(value)} above its bound {_fmt(hi)} (baseline "
+                                f"{_fmt(stored_values[name])}): output quality regressed")
+                continue
+            was = f" (baseline {_fmt(stored_values[name])})" if stored_values[name] is not None else ""
+            if lo is not None and value < lo - 1e-9:
+                failures.append(f"  {label} {_fmt(value)}{unit and ' ' + unit} below its bound {_fmt(lo)}{was}: {below}")
+            elif hi is not None and value > hi + 1e-9:
+                failures.append(f"  {label} {_fmt(value)}{unit and ' ' + unit} above its bound {_fmt(hi)}{was}: an "
+                                "unexplained jump (the caching mechanism or the model changed); find out why")
+        return failures
+
+    def _store(self, entry: dict[str, Any]) -> None:
+        settings = self.suite.settings
+        try:
+            path = self.session.store.update(
+                self.suite.baseline_name, self.suite.key, sections={f"suites.{SUITE}": {self.strategy.text: entry}},
+                merge=True, metadata=self.session.baseline_metadata(self.suite.profile(), settings))
+        except BaselineError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        emit(self.item, BASELINE_USED_KEY, str(path))
+
+    def _record(self, result: dict[str, Any], values: dict[str, Any], bounds: dict[str, list],
+                schedule: CacheSchedule | None, *, passed: bool, updated: bool) -> dict[str, Any]:
+        """One record per model x strategy, plain builtins only (the HTML report reads these)."""
+        details = {
+            "strategy": self.strategy.text, "strategy_name": self.strategy.strategy, "updated": updated,
+            "psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": result["latent_mse"],
+            "speedup": result["speedup"], "seconds": result["seconds"], "skipped": result["skipped"],
+            "skipped_bounds": bounds.get("skipped"), "spearman": values["spearman"],
+            "spearman_bounds": bounds.get("spearman"), "latent_mse_bounds": bounds.get("latent_mse"),
+            "sweep": result["sweep"], "premise": result["premise"],
+            "adherence": result["adherence"].as_dict() if result["adherence"] else None,
+            "adherence_bounds": bounds.get("adherence"),
+            "strategy_counters": result["strategy_counters"], "psnr_cap": PSNR_CAP,
+            "schedule": None if schedule is None else {
+                "layers": list(schedule.layers), "steps": schedule.steps, "mask": schedule.mask,
+                "budget": schedule.budget, "threshold": schedule.threshold,
+                "predicted_error": schedule.predicted_error, "skipped_fraction": schedule.skipped_fraction,
+                "source": schedule.source},
+        }
+        self.suite.record(SUITE, "psnr", values["psnr"], bounds.get("psnr"), passed, **details)
+        return {"model": self.spec.name, **details, "passed": passed}

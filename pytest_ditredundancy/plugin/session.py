@@ -1,0 +1,220 @@
+"""Per-session state: one loaded pipeline at a time, cached profiles, baseline store, and suite records.
+
+Workers (pytest-xdist) and the controller each have a :class:`DitSession`. Where tests run, checks emit their
+records into the test item's data (``relay.emit``), which reaches the controller's session as one packet
+per test (``relay``), whatever the distribution mode.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from ..judging.baselines import BaselineStore
+from ..capture.environment import device_class
+from .options import DitConfig
+from ..capture.profile import RedundancyProfile
+from ..profiling.paper import PAPER_SETUPS
+from ..profiling.runner import RunSettings, profile_model, protocol_spec, settings_for
+from .shard import shard_range
+from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_device, resolve_spec
+from ..zoo.registry import ModelSpec, UnknownModelError, registered_models, tiny_model_names
+
+#: keys of a test's data (``relay.emit``): suite records, and baseline files used
+RECORD_KEY = "ditredundancy"
+BASELINE_USED_KEY = "ditredundancy-baseline"
+#: what a spec borrows from the model named by ``--dit-baseline-name``: the settings its baselines were made with
+BORROWED = ("steps", "height", "width", "num_frames", "guidance_scale", "scheduler", "dtype", "call_kwargs",
+            "frames_argument", "conditioning", "prediction", "branch_layout")
+
+
+@dataclass
+class PipelineSlot:
+    """Holds at most one loaded pipeline, so two large models never sit on one device together. A model that
+    failed to load fails every later test of it at once, with the same short message (no retried download)."""
+
+    device: str
+    dtype: str
+    seed: int
+    name: str | None = None
+    pipeline: Any = None
+    protocol: str = "project"  # the paper protocol loads the study's dtype on a GPU
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def get(self, spec: ModelSpec) -> Any:
+        if spec.name in self.failed:
+            pytest.fail(f"{self.failed[spec.name]}\n(this model failed to load earlier in the session; not retried)",
+                        pytrace=False)
+        if self.name != spec.name:
+            self.release()
+            try:
+                self.pipeline = load_model(protocol_spec(spec, self.protocol), device=self.device, dtype=self.dtype,
+                                           seed=self.seed)
+            except ModelLoadError as exc:
+                self.failed[spec.name] = str(exc)
+            else:
+                self.name = spec.name
+        if spec.name in self.failed:  # outside the except: the message alone, not the loader's exception chain
+            pytest.fail(self.failed[spec.name], pytrace=False)
+        return self.pipeline
+
+    def release(self) -> None:
+        if self.pipeline is None:
+            return
+        self.pipeline, self.name = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class DitSession:
+    config: DitConfig
+    store: BaselineStore
+    slot: PipelineSlot
+    profiles: dict[tuple, RedundancyProfile] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    baselines_used: set[str] = field(default_factory=set)
+    deselected: int = 0
+    progress: Callable[[str], None] | None = None
+    #: profiles used since the report last looked: (cache key) -> (spec, settings); see report.collector
+    touched: dict[tuple, tuple[ModelSpec, RunSettings]] = field(default_factory=dict)
+    #: spec name -> the model as the user typed it (``./new-ckpt``), for the commands messages suggest
+    references: dict[str, str] = field(default_factory=dict)
+    _specs: dict[str, ModelSpec] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: DitConfig) -> "DitSession":
+        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed, protocol=config.protocol)
+        return cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
+
+    # -- models -------------------------------------------------------------------------------------------
+    def selected_models(self) -> list[str]:
+        """The models as typed (``--dit-model``), else every tiny model (under the paper protocol: the tiny twins
+        of the study's seven)."""
+        if self.config.models:
+            return list(self.config.models)
+        if self.config.protocol == "paper":
+            return [name for name in tiny_model_names() if resolve_spec(name).family in PAPER_SETUPS]
+        return tiny_model_names()
+
+    def spec(self, model: str) -> ModelSpec:
+        """The spec of a selected model (as typed). With ``--dit-baseline-name`` naming a registered model, the
+        spec runs with that model's settings, so its profile is comparable with that model's baselines."""
+        if model not in self._specs:
+            spec = resolve_spec(model)
+            other = self.config.baseline_name
+            if other and other != spec.name and other in registered_models():
+                base = registered_models()[other]
+                spec = replace(spec, **{name: getattr(base, name) for name in BORROWED})
+            self._specs[model] = spec
+            self.references.setdefault(spec.name, model)
+        return self._specs[model]
+
+    def reference(self, spec: ModelSpec) -> str:
+        """How the user named ``spec`` (what a suggested command must repeat)."""
+        return self.references.get(spec.name, spec.name)
+
+    def baseline_name_for(self, spec: ModelSpec) -> str:
+        """The name ``spec``'s baselines are stored under: its own, or ``--dit-baseline-name``."""
+        return self.config.baseline_name or spec.name
+
+    def command(self, spec: ModelSpec, *extra: str) -> str:
+        """The pytest command that reruns this session's settings for ``spec``, as the user typed them."""
+        return self.config.command(self.reference(spec), *extra)
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    @property
+    def device_class(self) -> str:
+        return device_class(self.device)
+
+    # -- profiles -----------------------------------------------------------------------------------------
+    def settings(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RunSettings:
+        return settings_for(spec, steps=steps or self.config.steps, scheduler=scheduler or self.config.scheduler,
+                            seed=self.config.noise_seed, num_prompts=self.config.num_prompts,
+                            protocol=self.config.protocol)
+
+    def settings_key(self, settings: RunSettings) -> str:
+        tag = self.config.prompt_tag
+        return settings.key() + (f"-{tag}" if tag else "")
+
+    def profile(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RedundancyProfile:
+        """The profile of ``spec`` under the session settings (computed once per session and settings)."""
+        settings = self.settings(spec, steps=steps, scheduler=scheduler)
+        key = (spec.name, settings, self.config.prompts, self.config.device, self.config.dtype)
+        if key not in self.profiles:
+            pipe = self.slot.get(spec)
+            start, end = shard_range(len(self.config.prompts), self.config.shard)  # seeds stay seed + global index
+            self.profiles[key] = profile_model(
+                pipe, prompts=list(self.config.prompts[start:end]), steps=settings.steps, scheduler=settings.scheduler,
+                seed=settings.seed, batch_size=self.config.batch_size, height=settings.height,
+                width=settings.width, num_frames=settings.num_frames, guidance_scale=settings.guidance_scale,
+                progress=self._progress_callback(spec.name, settings), prompt_offset=start,
+                protocol=settings.protocol,
+            )
+        self.touched.setdefault(key, (spec, settings))
+        return self.profiles[key]
+
+    def _progress_callback(self, model: str, settings: RunSettings):
+        if self.progress is None:
+            return None
+        report, interval = self.progress, self.config.progress_interval
+        started = last = time.monotonic()
+
+        def callback(done: int, total: int, steps_per_second: float) -> None:
+            nonlocal last
+            now = time.monotonic()  # throttled; the last batch is shown when the whole profile took long
+            if interval < 0 or (now - last < interval and not (done == total and now - started >= interval)):
+                return
+            last = now
+            report(f"{model} [{settings.scheduler}, {settings.steps} steps]: {done}/{total} prompts, "
+                   f"{steps_per_second:.1f} steps/s")
+
+        return callback
+
+    def baseline_metadata(self, profile: RedundancyProfile, settings: RunSettings) -> dict[str, Any]:
+        from ..capture.environment import device_name
+
+        meta = profile.metadata
+        return {"device_class": self.device_class, "device_name": device_name(self.device), "dtype": meta.dtype,
+                "settings": {**settings.__dict__, "prompt_source": self.config.prompt_source or "shipped"},
+                "versions": meta.versions, "pipeline_class": meta.pipeline_class,
+                "transformer_class": meta.transformer_class, "scheduler_class": meta.scheduler_class}
+
+    def close(self) -> None:
+        self.slot.release()
+
+
+def check_models(config: DitConfig, *, probe_hub: bool) -> DitConfig:
+    """The selected models, checked before anything runs; every problem is one :class:`pytest.UsageError`.
+
+    Unknown names (with close names), directories without a pipeline, two different checkpoints with one name,
+    and (``probe_hub``: once, on the controller) Hugging Face models that are neither cached nor reachable. A
+    model selected twice (also under two spellings) runs once."""
+    kept: dict[tuple[str, str | None], str] = {}
+    names: dict[str, str] = {}
+    for model in config.models:
+        try:
+            spec = resolve_spec(model)
+        except (UnknownModelError, ModelLoadError) as exc:
+            raise pytest.UsageError(f"--dit-model={model}: {exc}") from None
+        identity = (spec.name, spec.checkpoint if spec.build is None else None)
+        if identity in kept:
+            continue
+        if spec.name in names:
+            raise pytest.UsageError(f"--dit-model={names[spec.name]} and --dit-model={model} are two models named "
+                                    f"{spec.name!r}: their baselines and report entries would collide; rename one "
+                                    "directory")
+        kept[identity], names[spec.name] = model, model
+        problem = hub_problem(spec) if probe_hub and config.models else None
+        if problem:
+            raise pytest.UsageError(f"--dit-model={model}: {problem}")
+    return replace(config, models=tuple(kept.values()))

@@ -1,0 +1,134 @@
+"""What the plugin prints: the header, and the ``ditredundancy`` section of the terminal summary (one line per
+model with its key numbers, one for the cross-model comparison, stale baselines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..judging.baselines import relative, stale_baselines
+from ..capture.environment import versions
+from ..report.document import model_of
+from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
+
+
+def header_lines(config: pytest.Config, session: DitSession) -> list[str]:
+    cfg = session.config
+    v = versions()
+    models = ", ".join(session.selected_models())
+    against = f" (judged against the baselines of {cfg.baseline_name})" if cfg.baseline_name else ""
+    seed = f"seed {cfg.seed}" if cfg.noise_seed is not None else "each model's study seed"
+    return [
+        f"ditredundancy: models: {models}{against}",
+        f"ditredundancy: device {session.device} ({cfg.dtype} dtype), protocol {cfg.protocol}, {cfg.num_prompts} prompts"
+        f"{' from ' + cfg.prompt_source if cfg.prompt_source else ''}, {seed}, baselines in "
+        f"{relative(cfg.baseline_dir, config.rootpath)}{' (UPDATING)' if cfg.update_baselines else ''}",
+        f"ditredundancy: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}",
+    ]
+
+
+class DitReporter:
+    """Takes the suite records out of each test's data (local, or sent by xdist workers) and prints the summary."""
+
+    def __init__(self, config: pytest.Config, dit: DitSession) -> None:
+        self.config = config
+        self.dit = dit
+        self.whole_suite_ran = False
+
+    def ingest(self, packet: dict[str, Any]) -> None:
+        for name, value in packet["data"]:
+            if name == RECORD_KEY:
+                self.dit.records.append(value)
+            elif name == BASELINE_USED_KEY:
+                self.dit.baselines_used.add(value)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        option = session.config.option
+        self.whole_suite_ran = (not self.dit.deselected and not getattr(option, "keyword", "")
+                                and not getattr(option, "markexpr", "") and not session.shouldstop
+                                and not session.shouldfail and session.testscollected > 0)
+        self.dit.close()
+
+    def bad_tests(self, terminalreporter: Any) -> dict[str, set[str]]:
+        """Per model (spec name), the tests that failed, errored or crashed (xdist reports a crash as failed)."""
+        models = self.dit.selected_models()
+        names = {}
+        for model in models:
+            try:
+                names[model] = self.dit.spec(model).name
+            except Exception:  # an unknown model: its tests failed, and say why
+                names[model] = model
+        bad: dict[str, set[str]] = {}
+        for kind in ("failed", "error"):
+            for report in terminalreporter.stats.get(kind, ()):
+                nodeid = getattr(report, "nodeid", "")
+                model = model_of(nodeid, models) if nodeid else None
+                if model is not None:
+                    bad.setdefault(names[model], set()).add(nodeid)
+        return bad
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        bad = self.bad_tests(terminalreporter)
+        if not self.dit.records and not bad:
+            return
+        terminalreporter.section("ditredundancy")
+        for line in summary_lines(self.dit.records, {model: len(ids) for model, ids in bad.items()}):
+            terminalreporter.write_line(line)
+        if self.whole_suite_ran:
+            self.dit.store.used = {Path(p).resolve() for p in self.dit.baselines_used}
+            names = {self.dit.baseline_name_for(self.dit.spec(model)) for model in self.dit.selected_models()}
+            stale = stale_baselines(self.dit.store, sorted(names))
+            if stale:
+                terminalreporter.write_line("stale baselines (no test used them; delete them if their settings are gone):")
+                for path in stale:
+                    terminalreporter.write_line(f"  {relative(path, config.rootpath)}")
+
+
+def summary_lines(records: list[dict], bad: dict[str, int] | None = None) -> list[str]:
+    """One line per model with its key numbers, and one line for the cross-model comparison. ``bad``: per
+    model, how many of its tests failed, errored or crashed; such a model is FAIL whatever its records say."""
+    bad = bad or {}
+    by_model: dict[str, list[dict]] = {}
+    pairs = [r for r in records if r["suite"] == "model_distinctness"]
+    for record in records:
+        if record["suite"] != "model_distinctness":
+            by_model.setdefault(record["model"], []).append(record)
+    for model in bad:
+        by_model.setdefault(model, [])
+    lines = []
+    for model, entries in by_model.items():
+        parts = []
+        judged = [e for e in entries if e.get("question") not in ("claim", "info")]
+        if not any(e["suite"] == "prompt_stability" for e in judged):  # no baseline: the claims judged alone
+            judged = [e for e in entries if e.get("question") != "info"]
+        cvs = {e.get("kind"): e["value"] for e in judged  # one per kind
+               if e["suite"] == "prompt_stability" and e.get("value") is not None}
+        if cvs:
+            parts.append("CV " + " ".join(f"{kind}={value:.3f}" for kind, value in cvs.items()))
+        for suite, label in (("step_stability", "steps r>="), ("scheduler_stability", "schedulers r>=")):
+            values = [e["value"] for e in judged if e["suite"] == suite and e.get("value") is not None]
+            if values:
+                parts.append(f"{label}{min(values):.3f}")
+        drift = [e for e in entries if e["suite"] == "baseline_regression"]
+        if drift:
+            parts.append(f"baseline drift {int(drift[-1]['value'] or 0)} cells")
+        parts += [f"cache {e['strategy']} PSNR {e['value']:.1f} skip {e['skipped']['attention']:.0%} "
+                  f"x{e['speedup']:.2f}" + (f" adherence {e['adherence']['cached']:.0%}" if e.get("adherence") else "")
+                  for e in entries if e["suite"] == "cache_gate" and e.get("value") is not None]
+        broken = sum(e.get("question") == "claim" and e.get("met") is False for e in entries)
+        if broken:
+            parts.append(f"{broken} stability claim{'s' if broken != 1 else ''} not met")
+        failed_tests = bad.get(model, 0)
+        if failed_tests:
+            parts.append(f"{failed_tests} test{'s' if failed_tests != 1 else ''} failed, errored or crashed")
+        failed = failed_tests or sum(not e["passed"] for e in entries)
+        lines.append(f"{model}: {'FAIL' if failed else 'ok'}; " + "; ".join(parts))
+    if pairs:
+        worst = min(pairs, key=lambda r: float("inf") if r["value"] is None else r["value"])
+        failed = sum(not r["passed"] for r in pairs)
+        value = "inf" if worst["value"] is None else f"{worst['value']:.2f}"
+        lines.append(f"model distinctness: {'FAIL' if failed else 'ok'}; {len(pairs)} pairs, lowest "
+                     f"between/within {value} ({worst['model']}){f'; {failed} pairs not distinct' if failed else ''}")
+    return lines
