@@ -20,7 +20,9 @@ _EXPORTS = {
     "RedundancyCapture": "capture.hooks", "capture_redundancy": "capture.hooks",
     "METRICS": "capture.metrics",
     "ProfileFormatError": "capture.profile", "ProfileMetadata": "capture.profile", "RedundancyProfile": "capture.profile",
-    "PROTOCOLS": "profiling.paper", "ProtocolError": "profiling.paper",
+    "PROTOCOLS": "profiling.protocol_registry", "get_protocol": "profiling.protocol_registry",
+    "register_protocol": "profiling.protocol_registry", "Protocol": "profiling.protocols",
+    "ProtocolError": "profiling.protocols", "RunRequest": "profiling.settings", "resolve_run": "profiling.settings",
     "PROMPT_SETS": "profiling.prompts", "PromptFileError": "profiling.prompts", "coco_prompts": "profiling.prompts", "default_prompts": "profiling.prompts",
     "load_prompts": "profiling.prompts", "named_prompts": "profiling.prompts",
     "RunSettings": "profiling.runner", "profile_model": "profiling.runner",
@@ -48,7 +50,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .capture.hooks import RedundancyCapture, capture_redundancy
     from .capture.metrics import METRICS
-    from .profiling.paper import PROTOCOLS, ProtocolError
+    from .profiling.protocol_registry import PROTOCOLS, get_protocol, register_protocol
+    from .profiling.protocols import Protocol, ProtocolError
+    from .profiling.settings import RunRequest, resolve_run
     from .capture.profile import ProfileFormatError, ProfileMetadata, RedundancyProfile
     from .profiling.prompts import PROMPT_SETS, PromptFileError, coco_prompts, default_prompts, load_prompts, named_prompts
     from .profiling.runner import RunSettings, profile_model

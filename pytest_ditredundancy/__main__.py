@@ -1,5 +1,6 @@
 """``python -m pytest_ditredundancy merge shard-*.json --report index.html [--json merged.json] [--profiles-dir DIR]``
-and ``python -m pytest_ditredundancy plan --dit-model=NAME [--gpu-memory=80GB]`` (see README, "Capture plan").
+, ``python -m pytest_ditredundancy plan --dit-model=NAME [--gpu-memory=80GB]`` (see README, "Capture plan")
+and ``python -m pytest_ditredundancy options [--markdown]`` (the plugin's options; ``--markdown``: docs/options.md).
 
 Exit status: 0 when every merged suite passed and no test is missing, 1 when something failed or is
 missing, 2 when the shards cannot be merged (the message says why).
@@ -10,8 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from .plugin.merge import MergeError, merge
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,15 +36,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="GPU size to check the fit against, e.g. 80GB (10^9) or 80GiB (2^30)")
     p.add_argument("--kinds", default=None, help="capture only these kinds, e.g. a,a_text (default: all)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
+    o = commands.add_parser("options", help="the pytest plugin's options: ini key, type, default, valid values",
+                            description="List every --dit-* option of the pytest plugin with its ini key, type, "
+                                        "default and valid values.")
+    o.add_argument("--markdown", action="store_true", help="print the options reference as markdown "
+                                                            "(python -m pytest_ditredundancy options --markdown "
+                                                            "> docs/options.md)")
     return parser
+
+
+def _print_options(markdown: bool) -> int:
+    from .plugin.options import options_markdown, options_table
+
+    if markdown:
+        print(options_markdown(), end="")
+        return 0
+    for names, ini, kind, default, valid, help_text in options_table()[1:]:
+        facts = [f"ini {ini}", kind, f"default {default}" if default else "", f"valid: {valid}" if valid else ""]
+        print(f"{names.replace('`', '')} ({'; '.join(f for f in facts if f).replace('`', '')})\n    {help_text}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "options":
+        return _print_options(args.markdown)
     if args.command == "plan":
         from .profiling.capture_plan_text import run_plan
 
         return run_plan(args.dit_model, gpu_memory=args.gpu_memory, kinds=args.kinds, batch_size=args.batch_size)
+    from .plugin.merge import MergeError, merge  # the merge replays the suites: it needs the plugin (and pytest)
+
     if not (args.report or args.json or args.profiles_dir):
         print("merge: nothing to write: give --report, --json and/or --profiles-dir", file=sys.stderr)
         return 2

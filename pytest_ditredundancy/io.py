@@ -1,11 +1,13 @@
-"""Safe file writes: nothing on disk is ever left half-written."""
+"""Safe file writes (nothing on disk is ever left half-written) and JSON reads whose every failure is one
+message naming the file, the problem and the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def temporary_name(path: Path) -> Path:
@@ -67,3 +69,88 @@ def plain(value: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
     if isinstance(value, float):
         return leaf(float(value))
     return str(value)
+
+
+class FileReadError(ValueError):
+    """A file that cannot be read as asked. ``problem`` tags the kind (``missing``, ``directory``,
+    ``unreadable``, ``not-text``, ``invalid-json``, ``wrong-type``) for callers that map it to their own error."""
+
+    def __init__(self, message: str, path: Path | str, problem: str) -> None:
+        super().__init__(message)
+        self.path, self.problem = path, problem
+
+
+def read_text(path: str | Path, what: str = "file", *, fix: str = "re-create it",
+              path_fix: str = "check the path") -> str:
+    """The file's UTF-8 text (a leading byte-order mark dropped); :class:`FileReadError` for every way that fails.
+
+    ``what`` names the file in messages (``baseline``), ``fix`` says what to do about damaged content and
+    ``path_fix`` what to do about a path that is missing or a directory.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileReadError(f"no {what} at {path}: the file does not exist; {path_fix}", path, "missing") from None
+    except IsADirectoryError:
+        raise FileReadError(f"{what} {path} is a directory, not a file; {path_fix}", path, "directory") from None
+    except OSError as exc:
+        raise FileReadError(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions", path,
+                            "unreadable") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise FileReadError(f"{what} {path} is binary, not UTF-8 text (a NUL byte at offset {nul}); {fix}", path,
+                            "not-text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FileReadError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
+                            f"a binary file, or text in another encoding); {fix}", path, "not-text") from None
+
+
+def parse_json(text: str, source: str | Path, what: str = "file", *, fix: str = "re-create it",
+               expect: type | None = dict) -> Any:
+    """``text`` (the content of ``source``) parsed; :class:`FileReadError` for invalid JSON or a top-level value
+    that is not an ``expect`` (None: any). NaN and Infinity pass, for callers that name where they stand."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        ends = "; it is empty" if not text.strip() else "; it ends before the JSON does" \
+            if exc.pos >= len(text.rstrip()) else ""
+        raise FileReadError(f"{what} {source} is corrupt or truncated: not valid JSON ({exc.msg} at line "
+                            f"{exc.lineno}, column {exc.colno}{ends}); {fix}", source, "invalid-json") from None
+    _expect(data, expect, f"{what} {source}", fix, source)
+    return data
+
+
+def read_json(path: str | Path, what: str = "file", *, fix: str = "re-create it", path_fix: str = "check the path",
+              expect: type | None = dict) -> Any:
+    """The parsed JSON file: :func:`read_text`, then :func:`parse_json`, with their messages."""
+    return parse_json(read_text(path, what, fix=fix, path_fix=path_fix), Path(path), what, fix=fix, expect=expect)
+
+
+def json_lines(text: str, source: str | Path, what: str = "file", *, fix: str = "re-create it",
+               expect: type | None = dict) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of JSON Lines text; errors name ``source:line``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FileReadError(f"{what} {source}:{number} is not valid JSON ({exc.msg} at column {exc.colno}); {fix}",
+                                source, "invalid-json") from None
+        _expect(value, expect, f"{what} {source}:{number}", fix, source)
+        yield number, value
+
+
+_JSON_KINDS = ((bool, "true or false"), (dict, "an object"), (list, "an array"), (str, "a string"),
+               ((int, float), "a number"), (type(None), "null"))
+
+
+def _expect(value: Any, expect: type | None, where: str, fix: str, source: str | Path) -> None:
+    if expect is None or isinstance(value, expect):
+        return
+    found = next(name for kind, name in _JSON_KINDS if isinstance(value, kind))
+    wanted = next((name for kind, name in _JSON_KINDS if kind is expect), expect.__name__)
+    raise FileReadError(f"{where} holds {found} where {wanted} is expected; {fix}", source, "wrong-type")

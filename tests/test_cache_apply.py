@@ -3,6 +3,7 @@ caches per call, never leak between runs, refuse batch mismatches, and always co
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 from torch import nn
 
 from pytest_ditredundancy.cache import CacheBatchError, UnsupportedStrategy, applied, parse_spec
-from pytest_ditredundancy.cache.apply import attention_modules
+from pytest_ditredundancy.cache.apply import RunTracker, attention_modules
 from pytest_ditredundancy.cache.measure import ComputeCounter, RunPlan, run_once, skipped_fractions
 from pytest_ditredundancy.cache.schedule import CacheSchedule, ScheduleError, schedule_from_costs
+from pytest_ditredundancy.capture.hooks import RedundancyCapture, capture_redundancy
+from pytest_ditredundancy.capture.tracking import StepTracker
 from pytest_ditredundancy.profiling.runner import settings_for
 from pytest_ditredundancy.zoo import get_spec
 
@@ -259,3 +262,43 @@ def test_a_diffusers_cache_the_model_cannot_run_is_unsupported_with_the_reason(p
             pass
     registries = [m._diffusers_hook for m in pipe.transformer.modules() if hasattr(m, "_diffusers_hook")]
     assert not any(r.hooks for r in registries) and not pipe.transformer._forward_pre_hooks
+
+
+# -- run/step/call tracking, shared with the capture ----------------------------------------------------------
+def test_capture_and_cache_count_with_the_same_tracker_class():
+    assert issubclass(RedundancyCapture, StepTracker) and issubclass(RunTracker, StepTracker)
+    for name in ("_before_call", "wrap"):  # the counting and the wrapping are written once
+        assert getattr(RunTracker, name) is getattr(RedundancyCapture, name) is getattr(StepTracker, name)
+
+
+def test_capture_and_cache_see_the_same_steps_and_calls():
+    pipe, seen = Pipe(calls=2), []
+    listener = SimpleNamespace(before_call=lambda index: seen.append((handle.tracker.step, index)),
+                               after_call=lambda: None)
+    with capture_redundancy(pipe, branch_layout="single") as cap, applied(pipe, None) as handle:
+        handle.tracker.call_listeners.append(listener)
+        pipe(torch.randn(2, 5, 4), steps=3)
+        pipe(torch.randn(2, 5, 4), steps=3)
+    assert seen == [(step, call) for _ in range(2) for step in range(3) for call in range(2)]
+    runs = [run for run in cap.runs if not run.empty]
+    assert [run.step for run in runs] == [3, 3] and all(sorted(run.batch_sizes) == [0, 1] for run in runs)
+    assert {key[1] for run in runs for key in run.series} == {0, 1}  # each call its own series
+    assert handle.tracker.final_latents[-1] is not None and is_clean(pipe)
+
+
+def test_the_tracker_keeps_the_scheduler_signature_and_comes_off():
+    pipe = Pipe()
+    before = inspect.signature(pipe.scheduler.step)
+    tracker = StepTracker(pipe.transformer, pipe.scheduler)
+    tracker.install()
+    try:
+        assert inspect.signature(pipe.scheduler.step) == before  # pipelines inspect it
+        pipe(torch.randn(1, 5, 4), steps=4)
+        assert (tracker.step, tracker.calls_in_step, tracker.call_index) == (4, 0, None)
+        pipe.transformer(torch.randn(1, 5, 4))
+        assert (tracker.calls_in_step, tracker.call_index) == (1, 0)
+        tracker.start_run()
+        assert (tracker.step, tracker.calls_in_step, tracker.call_index) == (0, 0, None)
+    finally:
+        tracker.remove()
+    assert is_clean(pipe)

@@ -255,3 +255,21 @@ def test_flow_dpm_solver_keeps_the_flow_models_shift():
 
     swapped = make_scheduler("flow-dpm-solver", FlowMatchEulerDiscreteScheduler(shift=3.0))
     assert swapped.config.flow_shift == 3.0  # it reads flow_shift and would silently sample shift 1
+
+
+@pytest.mark.parametrize("foreign", [{"model": "tiny-sd3-medium"}, {"settings_key": "k0"},
+                                     {"metadata": {**METADATA, "settings": {"steps": 4, "protocol": "paper"}}}])
+def test_a_partial_update_never_relabels_another_runs_baseline(tmp_path, foreign):
+    """A file copied from another model, settings key or protocol is refused by name, not rewritten as this one."""
+    store = BaselineStore(tmp_path)
+    path = stored_baseline(store, model="tiny-pixart-alpha", key="k1")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **foreign}))
+    before = path.read_bytes()
+    metadata = {**METADATA, "settings": {"steps": 4, "protocol": "project"}}
+    with pytest.raises(BaselineError, match="Refusing to update .* another run") as failure:
+        store.update("tiny-pixart-alpha", "k1", metadata=metadata,
+                     sections={"suites.prompt_stability": {"a": {"robust_cv": 0.1}}})
+    named = next(iter(foreign.values()))
+    assert (repr(named) if isinstance(named, str) else "'paper'") in str(failure.value)
+    assert path.read_bytes() == before

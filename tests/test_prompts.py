@@ -97,7 +97,7 @@ def test_named_prompt_set_option(pytester):
 def test_named_set_key_and_prompts(tmp_path):
     from dataclasses import replace
 
-    from pytest_ditredundancy import coco_prompts, get_spec
+    from pytest_ditredundancy import coco_prompts
     from pytest_ditredundancy.plugin.options import DitConfig
     from pytest_ditredundancy.plugin.session import DitSession
 
@@ -106,11 +106,11 @@ def test_named_set_key_and_prompts(tmp_path):
                        update_baselines=False, step_factors=(), schedulers=(), cv_bounds=(0.0, 1.0),
                        min_shape_correlation=0.0)
     session = DitSession.from_config(config)
-    key = session.settings_key(session.settings(get_spec("tiny-pixart-alpha")))
+    key = session.request(session.spec("tiny-pixart-alpha")).key
     assert key == "steps20-dpm-solver-seed0-p4-32x32-g4.5-coco1000"
     assert config.prompt_tag == "coco1000"
-    paper = DitSession.from_config(replace(config, protocol="paper"))
-    assert paper.settings_key(paper.settings(get_spec("tiny-pixart-alpha"))) == \
+    paper = DitSession.from_config(replace(config, protocol="paper", batch_size=1))  # what --dit-protocol=paper sets
+    assert paper.request(paper.spec("tiny-pixart-alpha")).key == \
         "paper-steps20-dpm-solver-seed42-p4-32x32-g4.5-coco1000"
 
 

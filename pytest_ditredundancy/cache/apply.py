@@ -1,10 +1,10 @@
 """Running a pipeline with a caching strategy: step tracking, the profile schedule's reuse hooks, cleanup.
 
-:class:`RunTracker` finds run, step and call boundaries the way capture does (``scheduler.set_timesteps``
-starts a run, ``scheduler.step`` ends a step, a pre-hook on the transformer numbers the calls within a
-step) and keeps the final latents. :class:`ScheduleApplier` puts a diffusers ``ModelHook`` with
-``new_forward`` on every attention module: where the schedule says so it returns the cached output
-*without calling the module* (the work is really skipped). Caches are keyed by (layer, call index within
+:class:`~pytest_ditredundancy.cache.base.RunTracker` finds run, step and call boundaries with the capture's own
+:class:`~pytest_ditredundancy.capture.tracking.StepTracker` (one count of calls per step for both) and keeps
+the final latents. :class:`ScheduleApplier` puts a diffusers ``ModelHook`` with ``new_forward`` on every
+attention module: where the schedule says so it returns the cached output *without calling the module*
+(the work is really skipped). Caches are keyed by (layer, call index within
 the step), so CFG branches run as separate calls never share an entry; they are dropped at every run start
 and on exit, so nothing leaks from one prompt batch into the next. :func:`applied` installs a strategy and
 removes every hook and wrapper on exit, also when the pipeline raises.
@@ -13,7 +13,6 @@ removes every hook and wrapper on exit, also when the pipeline raises.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -21,105 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture.sites import is_attention_module
+from ..capture.tracking import first_tensor
+from .base import CacheBatchError, RunTracker, UnsupportedStrategy, attention_modules
 from .schedule import CacheSchedule, ScheduleError
 from .spec import CacheSpec
-from .undo import Reversible
-
-
-class CacheBatchError(RuntimeError):
-    """A cached attention output would be reused for a call with another batch size."""
-
-
-class UnsupportedStrategy(Exception):
-    """The model cannot run this strategy; the message says why (the suite skips with it)."""
-
-
-def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Attention modules in registration order: the layer names of profiles and schedules."""
-    return [(name, m) for name, m in transformer.named_modules() if name and is_attention_module(m)]
-
-
-def first_tensor(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor | None:
-    value = kwargs.get(name, args[0] if args else None)
-    if isinstance(value, torch.Tensor):
-        return value
-    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-
-
-class RunTracker(Reversible):
-    """Run/step/call boundaries of a pipeline, final latents, and the current timestep for callbacks."""
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
-        self.transformer: nn.Module = pipe.transformer
-        self.scheduler = pipe.scheduler
-        self.step = 0
-        self.calls_in_step = 0
-        self.call_index: int | None = None
-        self.final_latents: list[torch.Tensor | None] = []
-        self.run_starts: list[Callable[[], None]] = []
-        self.call_listeners: list[Any] = []  # objects with before_call(index) / after_call()
-        super().__init__()
-
-    def install(self) -> None:
-        self._patch(self.scheduler, "set_timesteps", before=self._start_run)
-        self._patch(self.scheduler, "step", after=self._end_step)
-        pre = self.transformer.register_forward_pre_hook(self._before_call, with_kwargs=True)
-        self._undo.append(pre.remove)
-        post = self.transformer.register_forward_hook(self._after_call, always_call=True)
-        self._undo.append(post.remove)
-
-    def _patch(self, owner: Any, name: str, *, before: Callable[[], None] | None = None,
-               after: Callable[[Any], None] | None = None) -> None:
-        original = getattr(owner, name)
-        was_own = name in vars(owner)
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if before is not None:
-                before()
-            result = original(*args, **kwargs)
-            if after is not None:
-                after(result)
-            return result
-
-        setattr(owner, name, wrapper)
-        self._undo.append(lambda: setattr(owner, name, original) if was_own else delattr(owner, name))
-
-    def _start_run(self) -> None:
-        self.step, self.calls_in_step, self.call_index = 0, 0, None
-        self.final_latents.append(None)
-        for callback in self.run_starts:
-            callback()
-
-    def _end_step(self, result: Any) -> None:
-        latents = getattr(result, "prev_sample", None)
-        if latents is None and isinstance(result, (tuple, list)) and result:
-            latents = result[0]
-        if isinstance(latents, torch.Tensor) and self.final_latents:
-            self.final_latents[-1] = latents.detach().clone()
-        self.step += 1
-        self.calls_in_step = 0
-        self.call_index = None
-
-    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.call_index = self.calls_in_step
-        self.calls_in_step += 1
-        for listener in self.call_listeners:
-            listener.before_call(self.call_index)
-
-    def _after_call(self, module: nn.Module, args: tuple, output: Any) -> None:
-        for listener in self.call_listeners:
-            listener.after_call()
-        self.call_index = None
-
-    def current_timestep(self) -> float:
-        """The scheduler's timestep of the running step (0..1000 for the zoo's schedulers)."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None or len(timesteps) == 0:
-            return 0.0
-        return float(timesteps[min(self.step, len(timesteps) - 1)])
 
 
 def _clone(output: Any) -> Any:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..profiling.runner import RunSettings
 from ..zoo.registry import ModelSpec
-from .apply import RunTracker, UnsupportedStrategy
+from .base import RunTracker, UnsupportedStrategy, attention_modules
 from .spec import CacheSpec
 
 #: diffusers' video transformers whose output is [B, F, C, H, W]; other 5-D outputs are [B, C, F, H, W]
@@ -194,8 +194,6 @@ class DiffusersCacheApplier:
                 raise UnsupportedStrategy(f"diffusers could not apply {self.spec.strategy} to "
                                           f"{type(self.transformer).__name__}: {type(exc).__name__}: {exc}") from None
         if not self._registries():
-            from .apply import attention_modules
-
             names = [name for name, _ in attention_modules(self.transformer)][:2]
             raise UnsupportedStrategy(f"{self.spec.strategy} found no module of {type(self.transformer).__name__} "
                                       f"that its default name patterns match (attention modules: {', '.join(names)}, "

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import atomic_write_text
+from ..io import FileReadError, atomic_write_text, read_json
 from ..capture.profile import RedundancyProfile
 
 SCHEMA = "pytest-ditredundancy/cache-schedule"
@@ -127,11 +127,10 @@ class CacheSchedule:
     def load(cls, path: str | Path) -> "CacheSchedule":
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ScheduleError(f"no cache schedule at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ScheduleError(f"{path} is not valid JSON ({exc})") from None
+            data = read_json(path, "cache schedule", fix="derive it again: schedule_from_profile(profile).save(path)",
+                             path_fix="pass the file a schedule's save(path) wrote")
+        except FileReadError as exc:
+            raise ScheduleError(str(exc)) from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -1,10 +1,9 @@
 """Streaming capture of K/V/A redundancy around any diffusers DiT pipeline call.
 
 ``with capture_redundancy(pipe) as cap: pipe(...)`` installs forward hooks on every capture site
-(:mod:`pytest_ditredundancy.capture.sites`), a forward pre-hook on the transformer (to count calls per step and
-read the batch size), and wraps ``scheduler.step`` / ``scheduler.set_timesteps`` with ``functools.wraps``
-(pipelines inspect those signatures) to find step and run boundaries. Everything is removed on exit, also
-when the pipeline raises.
+(:mod:`pytest_ditredundancy.capture.sites`) on top of the run/step/call boundaries of
+:class:`~pytest_ditredundancy.capture.tracking.StepTracker` (whose transformer pre-hook also reads the batch
+size). Everything is removed on exit, also when the pipeline raises.
 
 Per series only the previous step's tensor is kept (a reference, not a copy, unless the model later
 mutates it in place: the tensor version counter tells, and the series switches to copies). Each step is
@@ -28,6 +27,7 @@ from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .fused_stats import StepStatistics, default_mode
 from .profile import RedundancyProfile
 from .sites import DEFAULT_KINDS, CaptureSite, ModuleCall, discover_sites, validate_kinds
+from .tracking import StepTracker, first_tensor
 
 
 @dataclass
@@ -46,7 +46,6 @@ class _Series:
 @dataclass
 class _Run:
     step: int = 0
-    calls_in_step: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     series: dict[tuple[int, int], _Series] = field(default_factory=dict)
     timesteps: list[Any] = field(default_factory=list)
@@ -60,15 +59,15 @@ class _Run:
         return self.step == 0 and not self.series
 
 
-class RedundancyCapture:
+class RedundancyCapture(StepTracker):
     """Hooks that measure step-to-step redundancy; use through :func:`capture_redundancy`."""
 
     def __init__(self, target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
                  scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
                  stats: str | None = None, whole_batch: bool = False) -> None:
         self.pipeline = None if isinstance(target, nn.Module) else target
-        self.transformer: nn.Module = target if isinstance(target, nn.Module) else _transformer_of(target)
-        self.scheduler = scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None)
+        super().__init__(target if isinstance(target, nn.Module) else _transformer_of(target),
+                         scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None))
         self.kinds = validate_kinds(kinds)
         self.sites = list(sites) if sites is not None else discover_sites(self.transformer, self.kinds)
         self.branch_layout = branch_layout
@@ -78,9 +77,6 @@ class RedundancyCapture:
         self.runs: list[_Run] = [_Run()]
         self._calls: dict[int, ModuleCall] = {}  # running calls of the sites' context modules
         self.messages: list[str] = []
-        self._handles: list[Any] = []
-        self._patched: list[tuple[Any, str, Any, bool]] = []
-        self._active_call: int | None = None
         self._active_batch = 0
         self._active = False
 
@@ -89,7 +85,7 @@ class RedundancyCapture:
         if self._active:
             raise RuntimeError("this capture is already active; a capture can be entered once at a time")
         try:
-            self._install()
+            self.install()
         except BaseException:
             self.remove()
             raise
@@ -101,20 +97,9 @@ class RedundancyCapture:
 
     def remove(self) -> None:
         """Remove every hook and restore every wrapped method (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for owner, name, original, was_own in reversed(self._patched):
-            if was_own:
-                setattr(owner, name, original)
-            else:
-                try:
-                    delattr(owner, name)
-                except AttributeError:
-                    pass
-        self._patched.clear()
+        super().remove()
         self._active = False
-        self._active_call = None
+        self.call_index = None
 
     def fail_on_host_sync(self) -> "RedundancyCapture":
         """Make every callback this capture installs raise where it would make the host wait for a CUDA device
@@ -136,48 +121,29 @@ class RedundancyCapture:
                     torch.cuda.set_sync_debug_mode(previous)
             return wrapper
 
-        for name in ("_on_transformer_call", "_enter_context", "_leave_context", "_after_step", "_on_set_timesteps",
+        for name in ("call_started", "_enter_context", "_leave_context", "scheduler_stepped", "start_run",
                      "_on_check_inputs"):
             setattr(self, name, strict(getattr(self, name)))
         make_site_hook = self._make_site_hook  # the site hooks: tensor extraction and recording
         self._make_site_hook = lambda group: strict(make_site_hook(group))
         return self
 
-    def _install(self) -> None:
+    def install(self) -> None:
+        super().install()  # first: the transformer's call counter runs before any hook of a site on it
         by_module: dict[int, list[tuple[int, CaptureSite]]] = {}
         modules: dict[int, nn.Module] = {}
         for index, site in enumerate(self.sites):
             by_module.setdefault(id(site.module), []).append((index, site))
             modules[id(site.module)] = site.module
-        self._handles.append(self.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
         contexts = {id(site.context): site.context for site in self.sites if site.context is not None}
         for module in contexts.values():
-            self._handles.append(module.register_forward_pre_hook(self._enter_context, with_kwargs=True))
+            self._undo.append(module.register_forward_pre_hook(self._enter_context, with_kwargs=True).remove)
         for key, module in modules.items():
-            self._handles.append(module.register_forward_hook(self._make_site_hook(by_module[key])))
+            self._undo.append(module.register_forward_hook(self._make_site_hook(by_module[key])).remove)
         for module in contexts.values():  # after the site hooks: a site on the context module still sees its call
-            self._handles.append(module.register_forward_hook(self._leave_context))
-        if self.scheduler is not None:
-            self._wrap(self.scheduler, "step", self._after_step)
-            self._wrap(self.scheduler, "set_timesteps", None, before=self._on_set_timesteps)
+            self._undo.append(module.register_forward_hook(self._leave_context).remove)
         if self.pipeline is not None and callable(getattr(self.pipeline, "check_inputs", None)):
-            self._wrap(self.pipeline, "check_inputs", None, before=self._on_check_inputs)
-
-    def _wrap(self, owner: Any, name: str, after: Any, before: Any = None) -> None:
-        original = getattr(owner, name)
-        was_own = name in getattr(owner, "__dict__", {})
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if before is not None:
-                before(args, kwargs)
-            result = original(*args, **kwargs)
-            if after is not None:
-                after(args, kwargs)
-            return result
-
-        setattr(owner, name, wrapper)
-        self._patched.append((owner, name, original, was_own))
+            self.wrap(self.pipeline, "check_inputs", before=self._on_check_inputs)
 
     # -- boundaries ---------------------------------------------------------------------------------------
     @property
@@ -186,23 +152,19 @@ class RedundancyCapture:
 
     def start_run(self) -> None:
         """Begin a new pipeline run (called automatically when the scheduler's timesteps are set)."""
+        super().start_run()
         if not self._run.empty:
             self.runs.append(_Run())
-        self._active_call = None
 
     def end_step(self, timestep: Any = None) -> None:
         """Mark the end of a denoising step (called automatically after ``scheduler.step``)."""
         run = self._run
         run.timesteps.append(timestep.detach() if isinstance(timestep, torch.Tensor) else timestep)
         run.step += 1
-        run.calls_in_step = 0
-        self._active_call = None
+        super().end_step()
 
-    def _after_step(self, args: tuple, kwargs: dict) -> None:
+    def scheduler_stepped(self, args: tuple, kwargs: dict, result: Any) -> None:
         self.end_step(_argument(self.scheduler.step, "timestep", args, kwargs))
-
-    def _on_set_timesteps(self, args: tuple, kwargs: dict) -> None:
-        self.start_run()
 
     def _on_check_inputs(self, args: tuple, kwargs: dict) -> None:
         prompt = _argument(self.pipeline.check_inputs, "prompt", args, kwargs)
@@ -212,16 +174,12 @@ class RedundancyCapture:
             self.start_run()
             self._run.prompts = list(prompt)
 
-    def _on_transformer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def call_started(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         run = self._run
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(hidden, torch.Tensor):
-            hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self._active_call = run.calls_in_step
+        hidden = first_tensor(args, kwargs)
         self._active_batch = int(hidden.shape[0]) if hidden is not None and hidden.dim() > 0 else 1
-        run.calls_in_step += 1
-        run.batch_sizes.setdefault(self._active_call, self._active_batch)
-        if self._active_call == 0 and run.step == 0 and self.pipeline is not None:
+        run.batch_sizes.setdefault(self.call_index, self._active_batch)
+        if self.call_index == 0 and run.step == 0 and self.pipeline is not None:
             run.cfg, run.samples = call_guidance(self.pipeline, self.transformer)
             run.cond_first = type(self.pipeline).__name__ in COND_FIRST_PIPELINES
 
@@ -234,7 +192,7 @@ class RedundancyCapture:
     # -- recording ----------------------------------------------------------------------------------------
     def _make_site_hook(self, group: list[tuple[int, CaptureSite]]):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._active_call is None:
+            if self.call_index is None:
                 return
             for index, site in group:
                 seen = output if site.read == "output" else (args[0] if args else None)
@@ -247,7 +205,7 @@ class RedundancyCapture:
 
     def _record(self, index: int, tensor: torch.Tensor) -> None:
         run = self._run
-        key = (index, self._active_call)
+        key = (index, self.call_index)
         series = run.series.get(key)
         batch = self._active_batch
         if series is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_write_text, plain
+from ..io import FileReadError, atomic_write_text, parse_json, plain, read_text
 from .metrics import METRICS
 
 SCHEMA = "pytest-ditredundancy/profile"
@@ -193,10 +193,10 @@ class RedundancyProfile:
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> "RedundancyProfile":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProfileFormatError(f"{source} is not valid JSON ({exc}); it may be truncated — re-create it") from None
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            data = parse_json(text, source, "profile", fix="re-create it")
+        except FileReadError as exc:
+            raise ProfileFormatError(str(exc)) from None
+        if data.get("schema") != SCHEMA:
             raise ProfileFormatError(f"{source} is not a pytest-ditredundancy profile (no schema {SCHEMA!r})")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ProfileFormatError(
@@ -224,9 +224,10 @@ class RedundancyProfile:
     def load(cls, path: str | Path) -> "RedundancyProfile":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no profile at {path}; create one with profile_model(...).save({str(path)!r})") from None
+            text = read_text(path, "profile", fix="re-create it",
+                             path_fix=f"create one with profile_model(...).save({str(path)!r})")
+        except FileReadError as exc:  # a missing file stays a FileNotFoundError, as for open()
+            raise (FileNotFoundError if exc.problem == "missing" else ProfileFormatError)(str(exc)) from None
         return cls.from_json(text, source=str(path))
 
 

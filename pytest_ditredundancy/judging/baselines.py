@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .baseline_schema import SchemaProblem, validate_baseline
-from ..io import atomic_write_text, plain, stale_temporaries
+from ..io import FileReadError, atomic_write_text, plain, read_json, stale_temporaries
 from .tolerances import Tolerance, default_table, resolve
 
 SCHEMA = "pytest-ditredundancy/baseline"
@@ -72,6 +72,24 @@ def safe_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model).strip("-") or "model"
 
 
+def _require_same_run(path: Path, data: dict[str, Any], model: str, settings_key: str,
+                      metadata: dict[str, Any]) -> None:
+    """An update rewrites only the sections of the tests that ran: into another run's file (copied or renamed
+    from another model, settings key or protocol) it would relabel that run's other sections as this one's."""
+    stored_settings = (data.get("metadata") or {}).get("settings") or {}
+    found = {"model": data.get("model"), "settings key": data.get("settings_key"),
+             "protocol": stored_settings.get("protocol") if isinstance(stored_settings, dict) else None}
+    wanted = {"model": model, "settings key": settings_key, "protocol": (metadata.get("settings") or {}).get("protocol")}
+    differ = [f"{what} {found[what]!r} in the file, {wanted[what]!r} for this run" for what in found
+              if found[what] is not None and wanted[what] is not None and found[what] != wanted[what]]
+    if differ:
+        raise BaselineError(
+            f"Refusing to update {path}: it is the baseline of another run ({'; '.join(differ)}). An update rewrites "
+            "only the sections of the tests that ran, so the file would keep the other run's sections under this "
+            "run's name. Move the file back where it belongs, or delete it and re-create every section with "
+            "--dit-update-baselines and no -k filter")
+
+
 class BaselineStore:
     """Reads and writes baselines under ``root``; remembers which files the session used."""
 
@@ -115,6 +133,8 @@ class BaselineStore:
                     f"{exc}\nRefusing to update {path}: its other sections could not be read and would be lost. "
                     "Repair the file (e.g. restore it from version control), or delete it and re-create every "
                     "section with --dit-update-baselines and no -k filter") from None
+            if data:
+                _require_same_run(path, data, model, settings_key, metadata)
             data.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model,
                          "settings_key": settings_key})
             data["metadata"] = {**data.get("metadata", {}), **plain(metadata, _rounded),
@@ -146,12 +166,10 @@ def read_baseline_file(path: Path) -> dict[str, Any]:
     """The parsed, validated document; :class:`BaselineError` naming the file, the spot and the fix."""
     fix = "re-create it with --dit-update-baselines (after checking why it changed)"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))  # NaN/Infinity are caught, with their place, below
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BaselineError(f"baseline {path} is corrupt or truncated ({exc}); {fix}") from None
-    except OSError as exc:
-        raise BaselineError(f"baseline {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        data = read_json(path, "baseline", fix=fix)  # NaN/Infinity are caught, with their place, below
+    except FileReadError as exc:
+        raise BaselineError(str(exc)) from None
+    if data.get("schema") != SCHEMA:
         raise BaselineError(f"{path} is not a pytest-ditredundancy baseline (schema {SCHEMA!r} missing); {fix}")
     version = data.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:

@@ -69,8 +69,8 @@ class DitPlugin:
         from .terminal import DitReporter
 
         config = self.config
-        cfg = check_models(read_config(config), probe_hub=not hasattr(config, "workerinput"))
-        dit = DitSession.from_config(configure_worker(config, cfg))
+        cfg, specs = check_models(read_config(config), probe_hub=not hasattr(config, "workerinput"))
+        dit = DitSession.from_config(configure_worker(config, cfg), specs)
         dit.progress = progress_sink(config)
         cache_config.cache_options(config)  # a bad --dit-cache is a usage error now
         reporter, collector = DitReporter(config, dit), ReportCollector(config, dit)
@@ -250,7 +250,7 @@ def dit_profile(dit_model: "ModelSpec", dit_session: "DitSession") -> Callable[.
     """
 
     def factory(*, steps: int | None = None, scheduler: str | None = None) -> "RedundancyProfile":
-        return dit_session.profile(dit_model, steps=steps, scheduler=scheduler)
+        return dit_session.profile(dit_session.request(dit_model, steps=steps, scheduler=scheduler))
 
     return factory
 

@@ -83,9 +83,9 @@ class CacheCheck:
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def plan(self) -> RunPlan:
-        config = self.session.config
-        return RunPlan(self.session.slot.get(self.spec), self.spec, self.suite.settings, list(config.prompts),
-                       config.seed, config.batch_size)
+        request = self.suite.request
+        return RunPlan(self.session.slot.get(self.spec), self.spec, request.settings, list(request.prompts),
+                       request.settings.seed, request.batch_size)
 
     def reference(self, plan: RunPlan) -> RunResult:
         key = ("reference", self.spec.name, self.suite.key)
@@ -107,7 +107,7 @@ class CacheCheck:
                 schedule.source = "baseline"
                 self._check_replayed(schedule)
             else:
-                schedule = schedule_from_profile(self.session.profile(self.spec), model=self.spec.name,
+                schedule = schedule_from_profile(self.session.profile(self.suite.request), model=self.spec.name,
                                                  budget=self.strategy.get("budget"),
                                                  threshold=self.strategy.get("threshold"))
             names = [name for name, _ in attention_modules(self.session.slot.get(self.spec).transformer)]
@@ -142,9 +142,10 @@ class CacheCheck:
         """Measure, compare with the baseline (or store it with ``--dit-update-baselines``), record."""
         if getattr(self.session.config, "shard", None):
             pytest.skip("the cache gate runs every prompt: run it without --dit-shard")
-        if getattr(self.session.config, "protocol", "project") != "project":
+        protocol = self.suite.request.protocol
+        if not protocol.runs_cache_gate:
             pytest.skip("the cache gate runs on the project's protocol (every attention layer, prompt i seeded "
-                        "seed + i): run it without --dit-protocol=paper")
+                        f"seed + i): run it without --dit-protocol={protocol.name}")
         try:
             require_scikit_image()
         except QualityDependencyError as exc:
@@ -331,11 +332,10 @@ class CacheCheck:
         return failures
 
     def _store(self, entry: dict[str, Any]) -> None:
-        settings = self.suite.settings
         try:
             path = self.session.store.update(
                 self.suite.baseline_name, self.suite.key, sections={f"suites.{SUITE}": {self.strategy.text: entry}},
-                merge=True, metadata=self.session.baseline_metadata(self.suite.profile(), settings))
+                merge=True, metadata=self.session.baseline_metadata(self.suite.profile(), self.suite.request))
         except BaselineError as exc:
             pytest.fail(str(exc), pytrace=False)
         emit(self.item, BASELINE_USED_KEY, str(path))

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
+from ..io import FileReadError, read_json
 from ..judging.baselines import Baseline, BaselineError, BaselineStore, read_baseline_file, safe_name
-from .checks import SuiteCheck, model_distinctness
+from ..judging.suites import SuiteJudge, Verdict, judge_distinctness
 from .options import DitConfig
 from ..capture.profile import ProfileMetadata, RedundancyProfile
-from .relay import emitted
 from ..report.document import SCHEMA, build_document, write_json
 from ..report.html import write_html
 from ..report.summary import profile_summary
-from ..profiling.runner import RunSettings
-from .session import RECORD_KEY, DitSession, PipelineSlot
-from .shard import ScratchItem, spec_from_fields
+from ..profiling.settings import RunSettings
+from .session import DitSession, PipelineSlot
+from .shard import spec_from_fields
 from ..zoo.registry import ModelSpec
 
 #: run settings every shard must share (batch size, device index and baseline directory may differ)
@@ -61,12 +60,11 @@ def load_shards(paths: list[str | Path]) -> list[Shard]:
     shards = []
     for path in map(Path, paths):
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MergeError(f"{path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise MergeError(f"{path} is not valid JSON ({exc}); was the shard run interrupted?") from None
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            doc = read_json(path, "shard file", fix="was the shard run interrupted? run that shard again",
+                            path_fix="pass the files the shards wrote with --dit-json")
+        except FileReadError as exc:
+            raise MergeError(str(exc)) from None
+        if doc.get("schema") != SCHEMA:
             raise MergeError(f"{path} is not a pytest-ditredundancy report (schema {SCHEMA!r})")
         if not doc.get("shard") or "shard_profiles" not in doc:
             raise MergeError(f"{path} is not a shard run: create shards with --dit-shard=K/N --dit-json=PATH")
@@ -204,20 +202,16 @@ def replay(session: DitSession, deferred: list[dict[str, Any]]) -> tuple[list[di
     """Run the deferred suite calls: (records, outcome per test, message per test)."""
     records, results, messages = [], {}, {}
     for call in sorted(deferred, key=lambda c: (c["nodeid"], c["call"])):
-        item, outcome, message = ScratchItem(call["nodeid"]), "passed", ""
         try:
             if call["call"] == "model_distinctness":
-                model_distinctness(session, item)
+                verdict = judge_distinctness(session, call["nodeid"])
             else:
-                check = SuiteCheck(session, session.spec(call["model"]), item)
-                getattr(check, call["call"])(*call.get("args", ()), **call.get("kwargs", {}))
-        except pytest.fail.Exception as exc:
-            outcome, message = "failed", str(exc.msg)
-        except pytest.skip.Exception as exc:
-            outcome, message = "skipped", str(exc.msg)
+                judge = SuiteJudge(session, session.spec(call["model"]), call["nodeid"])
+                verdict = judge.run(call["call"], *call.get("args", ()), **call.get("kwargs", {}))
         except MergeError as exc:
-            outcome, message = "error", str(exc)
-        records += emitted(item, RECORD_KEY)
+            verdict = Verdict("error", str(exc))
+        outcome, message = verdict.outcome, verdict.message
+        records += verdict.records
         if results.get(call["nodeid"]) not in BAD:
             results[call["nodeid"]] = outcome
             if message:
@@ -247,12 +241,13 @@ def merge(paths: list[str | Path], *, report: Path | None = None, json_path: Pat
     for (model, key), group in sorted(groups.items()):
         label = f"{model} ({key})"
         parts = [(e["start"], e["end"], RedundancyProfile.from_json(json.dumps(e["profile"]), source=label)) for e in group]
-        profile = merge_profiles(parts, len(config.prompts), label)
         spec, settings = specs[model], RunSettings(**group[0]["settings"])
+        request = session.request(spec, steps=settings.steps, scheduler=settings.scheduler)
+        profile = merge_profiles(parts, len(request.prompts), label)
         profile.metadata.extra["settings_key"] = settings.key()
         merged[(model, key)] = profile
-        session.profiles[(spec.name, settings, config.prompts, config.device, config.dtype)] = profile
-        default = session.settings(spec)
+        session.profiles[session.profile_key(request)] = profile
+        default = session.request(spec).settings
         summaries.append(profile_summary(profile, model=model, family=spec.family, in_paper=spec.in_paper,
                                          settings=settings, settings_key=key, default=default,
                                          baseline=_baseline(session.store, group[0].get("baseline_name", model), key)

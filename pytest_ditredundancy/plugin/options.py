@@ -1,209 +1,295 @@
-"""Command-line options and ini settings, read once into a typed :class:`DitConfig`.
+"""Command-line options and ini settings, each declared once, read into typed configs.
 
-Every ``--dit-*`` option has an ini twin (``dit_*``); the command line wins over the ini file, and every
-boolean flag has a ``--no-dit-*`` form that turns an ini ``true`` off. A value given is a value used, or a
-usage error (exit 4) that names the option and the valid values: an empty value (an unset CI variable) is
-never read as "the default". Giving any option or ini key is what turns the plugin on (:func:`requested`).
+Every option is one field of a typed config (:class:`DitConfig`, :class:`CacheOptions`) declared with
+:func:`option`: its flag, ini key, kind, default, help and valid values. From those declarations come the
+``ditredundancy`` option group and its ini twins (:func:`add_options`), the ``--no-`` form of every boolean
+flag, the config's constructor call (:func:`build`) and the options reference ``docs/options.md``
+(:func:`options_markdown`; ``python -m pytest_ditredundancy options --markdown > docs/options.md``).
+
+The command line wins over the ini file, and a ``--no-dit-*`` form turns an ini ``true`` off. A value given
+is a value used, or a usage error (exit 4) that names the option and the valid values: an empty value (an
+unset CI variable) is never read as "the default". Giving any option or ini key is what turns the plugin on
+(:func:`requested`).
 
 This module is imported with the plugin in every pytest run of the environment: at module level it imports
-only pytest and the standard library (prompts, schedulers, the protocol, torch and the zoo are imported by
-:func:`read_config`, which runs only when the plugin is in use).
+only pytest and the standard library (prompts, schedulers, protocols, torch and the zoo are imported by the
+steps of :func:`read_config`, which runs only when the plugin is in use).
 """
 
 from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, get_args, get_origin
 
 import pytest
 
-DEFAULT_NUM_PROMPTS = 8
+if TYPE_CHECKING:
+    from ..cache.spec import CacheSpec
+
 DEVICES = "auto, cpu, cuda, cuda:N (N: the GPU's index), mps"
 DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
           "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+#: the valid values of --dit-tolerance (judging.tolerances.LEVELS; a test keeps the two in step)
+TOLERANCES = ("default", "strict")
 
-#: (option, ini name, help, kind, default). kind: str, int, float, bool, list, floats. A default of None means
-#: unset (the model's own value; no bound). Boolean flags also get a --no- form.
-OPTIONS: list[tuple[str, str, str, str, Any]] = [
-    ("--dit-model", "dit_models", "model(s) to test: registered name, HF repo id or local directory; repeat the "
-     "option or give a comma list (default: every tiny model)", "list", []),
-    ("--dit-device", "dit_device", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps", "str", "auto"),
-    ("--dit-dtype", "dit_dtype", "dtype: auto (model's dtype on GPU, float32 on CPU), float32, float16, bfloat16",
-     "str", "auto"),
-    ("--dit-protocol", "dit_protocol", "how redundancy is measured: 'project' (this package's definitions, the "
-     "default) or 'paper' (the redundancy study's protocol, exactly: its seed for every prompt, whole-batch mean, "
-     "self-attention only, its K/V/A tensors, step counts and schedulers; README 'Protocols')", "str", "project"),
-    ("--dit-prompts", "dit_prompts", "prompt set: a named set (coco1000: the study's 1000 MS-COCO captions; "
-     "default) or a file, one prompt per line or .jsonl with a 'prompt' field (default: the 72 shipped prompts; "
-     "coco1000 with --dit-protocol=paper)", "str", ""),
-    ("--dit-num-prompts", "dit_num_prompts", "how many prompts to profile per model, the first N of the set "
-     "(default: 8 of the shipped set, 10 of coco1000 with --dit-protocol=paper, or every prompt of a "
-     "--dit-prompts file)", "int", None),
-    ("--dit-steps", "dit_steps", "denoising steps, at least 2 (default: the model's own)", "int", None),
-    ("--dit-scheduler", "dit_scheduler", "scheduler alias or diffusers class (default: the model's own)", "str", ""),
-    ("--dit-seed", "dit_seed", "seed; prompt i uses seed + i (--dit-protocol=paper: every prompt uses it; "
-     "default there: the study's seed of each model)", "int", 0),
-    ("--dit-batch-size", "dit_batch_size", "prompts per pipeline call (--dit-protocol=paper: 1, as the study)",
-     "int", 8),
-    ("--dit-baseline-dir", "dit_baseline_dir", "where baselines live, relative to the rootdir", "str", "baselines"),
-    ("--dit-baseline-name", "dit_baseline_name", "judge the selected model against the baselines stored under this "
-     "model name, e.g. --dit-model=./new-ckpt --dit-baseline-name=pixart-alpha (default: the model's own name)",
-     "str", None),
-    ("--dit-update-baselines", "dit_update_baselines", "rewrite the baseline sections of the selected tests "
-     "instead of comparing against them", "bool", False),
-    ("--dit-step-factors", "dit_step_factors", "step-count suite: multiples of the default step count",
-     "floats", [0.5, 2.0]),
-    ("--dit-schedulers", "dit_schedulers", "scheduler suite: schedulers to compare (default: those that suit "
-     "the model's prediction type)", "list", []),
-    ("--dit-cv-bounds", "dit_cv_bounds", "prompt-stability claim: robust CV across prompts must lie in LO,HI "
-     "(the paper reports 10-15 percent); reported, and failing only with --dit-enforce-claims", "floats", [0.0, 0.2]),
-    ("--dit-min-shape-correlation", "dit_min_shape_correlation", "step/scheduler claim: minimum shape "
-     "correlation of the profile under other step counts or schedulers; reported, and failing only with "
-     "--dit-enforce-claims", "float", 0.8),
-    ("--dit-enforce-claims", "dit_enforce_claims", "fail when a model breaks the paper's stability claims "
-     "(--dit-cv-bounds, --dit-min-shape-correlation), not only when it changed from its baseline; without a "
-     "baseline the claims alone judge the model", "bool", False),
-    ("--dit-tolerance", "dit_tolerance", "regression tolerance: default (device noise and benign changes never "
-     "fail) or strict (calibrated on measured run-to-run noise; catches bf16 round trips and quantisation)",
-     "str", "default"),
-    ("--dit-report", "dit_report", "write a self-contained HTML report to this path (e.g. reports/index.html)",
-     "str", ""),
-    ("--dit-json", "dit_json", "write the report's content as JSON to this path (with --dit-shard: also the "
-     "per-prompt profiles that 'python -m pytest_ditredundancy merge' combines)", "str", ""),
-    ("--dit-shard", "dit_shard", "K/N: profile only shard K (1..N) of the prompt list, a contiguous block; suites "
-     "are judged when the shards are merged", "str", ""),
-    ("--dit-progress-interval", "dit_progress_interval", "seconds between progress lines while profiling (0: after "
-     "every batch, negative: never)", "float", 10.0),
-    ("--dit-cache", "dit_caches", "cache suite: caching strategy to gate, repeatable: none, profile[:budget=0.3|"
-     "threshold=0.05|schedule=FILE], fbcache[:threshold=0.05], pab, fastercache, magcache, taylorseer "
-     "(see the README section Cache gate)", "list", []),
-    ("--dit-cache-repeats", "dit_cache_repeats", "cache suite: timed runs per strategy (uncached and cached "
-     "interleaved; the speedup is the ratio of the medians)", "int", 3),
-    ("--dit-cache-budgets", "dit_cache_budgets", "cache suite: budgets of the profile schedule's error sweep",
-     "floats", [0.1, 0.3, 0.5]),
-    ("--dit-cache-min-psnr", "dit_cache_min_psnr", "cache suite: minimum PSNR (dB) used where no baseline "
-     "exists", "float", None),
-    ("--dit-cache-min-skipped", "dit_cache_min_skipped", "cache suite: minimum fraction of attention compute "
-     "skipped, in [0, 1), used where no baseline exists", "float", None),
-]
+#: kind -> (how a text becomes a value, what the option expects in a usage error: one value, several)
+_PARSERS: dict[Any, tuple[Callable[[str], Any], str, str]] = {
+    str: (str, "text", "texts"),
+    int: (int, "a whole number", "whole numbers"),
+    float: (float, "a number", "numbers"),
+    Path: (lambda text: Path(text).expanduser(), "a path", "paths"),
+}
+_KIND_NAMES = {str: "text", int: "integer", float: "number", bool: "flag", Path: "path"}
+_METADATA_KEY = "option"
+ConfigT = TypeVar("ConfigT")
+#: a step of reading a config: the values read so far -> the values it checks, derives or replaces
+Step = Callable[[pytest.Config, dict[str, Any]], dict[str, Any]]
 
 
-def dest_of(flag: str) -> str:
-    return flag[2:].replace("-", "_")
+@dataclass(frozen=True)
+class Option:
+    """One setting: a command-line option with its ini twin. ``kind`` is ``str``, ``int``, ``float``, ``bool``,
+    ``Path``, or ``list[...]`` of one of those (repeatable, comma lists allowed); ``default`` is the value when
+    neither the command line nor the ini file gives one (``None``: unset, the help says what that means);
+    ``choices`` are the valid values where they are a fixed set, ``valid`` says them in words where not."""
 
+    flag: str
+    ini: str
+    kind: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    valid: str = ""
 
-def add_options(parser: pytest.Parser) -> None:
-    """Register every option and its ini twin. Defaults are None on both sides, so :func:`requested` can tell
-    a value the user gave (even the default value) from none; :func:`read_config` supplies the defaults."""
-    group = parser.getgroup("ditredundancy", "DiT redundancy profiling (pytest-ditredundancy)")
-    for flag, ini, help_text, kind, _default in OPTIONS:
-        dest = dest_of(flag)
-        if kind == "bool":
-            group.addoption(flag, action="store_true", default=None, dest=dest, help=help_text)
-            group.addoption(f"--no-{flag[2:]}", action="store_false", default=None, dest=dest,
-                            help=f"turn {flag} off (when the ini file turns it on)")
-            parser.addini(ini, help_text, type="bool", default=None)
-        elif kind in ("list", "floats"):
-            group.addoption(flag, action="append", default=None, dest=dest, metavar="VALUE", help=help_text)
-            parser.addini(ini, help_text, type="args", default=None)
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def negation(self) -> str | None:
+        """The ``--no-`` form of a boolean flag."""
+        return f"--no-{self.flag[2:]}" if self.kind is bool else None
+
+    @property
+    def repeatable(self) -> bool:
+        return get_origin(self.kind) is list
+
+    @property
+    def item_kind(self) -> Any:
+        return get_args(self.kind)[0] if self.repeatable else self.kind
+
+    @property
+    def kind_name(self) -> str:
+        name = _KIND_NAMES[self.item_kind]
+        return f"list of {name}" if self.repeatable else name
+
+    def register(self, group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+        """Add the option (and its ``--no-`` form) to ``group`` and its ini twin to ``parser``. Defaults are
+        None on both sides, so :meth:`given` can tell a value the user gave (even the default value) from none;
+        :meth:`read` supplies the default."""
+        if self.kind is bool:
+            group.addoption(self.flag, action="store_true", default=None, dest=self.dest, help=self.help)
+            group.addoption(self.negation, action="store_false", default=None, dest=self.dest,
+                            help=f"turn {self.flag} off (when the ini file turns it on)")
+            parser.addini(self.ini, self.help, type="bool", default=None)
+        elif self.repeatable:
+            group.addoption(self.flag, action="append", default=None, dest=self.dest, metavar="VALUE", help=self.help)
+            parser.addini(self.ini, self.help, type="args", default=None)
         else:
-            group.addoption(flag, action="store", default=None, dest=dest, metavar=kind.upper(), help=help_text)
-            parser.addini(ini, help_text, default=None)
+            group.addoption(self.flag, action="store", default=None, dest=self.dest,
+                            metavar=self.item_kind.__name__.upper(), help=self.help)
+            parser.addini(self.ini, self.help, default=None)
+
+    def on_command_line(self, config: pytest.Config) -> bool:
+        return config.getoption(self.dest, None) is not None
+
+    def given(self, config: pytest.Config) -> bool:
+        """Whether the run gives this option (on the command line or in the ini file), whatever its value."""
+        return self.on_command_line(config) or config.getini(self.ini) is not None
+
+    def read(self, config: pytest.Config) -> Any:
+        """The value: the command line's, else the ini file's, else :attr:`default`. A given value that is
+        empty, does not parse or is not one of :attr:`choices` is a usage error naming the option."""
+        value, where = config.getoption(self.dest), self.flag
+        if value is None:
+            value, where = config.getini(self.ini), f"{self.ini} (ini)"
+            if value is None:
+                return self.default
+        if self.kind is bool:
+            return bool(value)
+        texts = _split(value if isinstance(value, list) else [value]) if self.repeatable else [str(value)]
+        if not any(text.strip() for text in texts):
+            raise pytest.UsageError(f"{where} is empty (an unset variable?): give a value, or leave the option out "
+                                    f"for its default{_default_text(self.default)}")
+        parse, one, several = _PARSERS[self.item_kind]
+        try:
+            values = [parse(text) for text in texts]
+        except (TypeError, ValueError):
+            if self.repeatable:
+                raise pytest.UsageError(f"{where} expects {several} separated by commas, "
+                                        f"got {','.join(texts)!r}") from None
+            raise pytest.UsageError(f"{where} expects {one}, got {value!r}") from None
+        unknown = [text for text in texts if self.choices and text not in self.choices]
+        if unknown:  # e.g. "--dit-dtype=int8 is not a dtype the plugin runs"
+            raise pytest.UsageError(f"{self.flag}={unknown[0]} is not a {self.flag[6:].replace('-', ' ')} the "
+                                    f"plugin runs; valid values: {', '.join(self.choices)}")
+        return tuple(values) if self.repeatable else values[0]
+
+    def as_typed(self, config: pytest.Config) -> dict[str, str | None]:
+        """The option as the command line gave it ({flag: value}; a boolean flag: {flag or --no- form: None}),
+        for the commands messages suggest; empty when only the ini file (or nothing) gives it."""
+        raw = config.getoption(self.dest)
+        if raw is None or raw == []:
+            return {}
+        if self.kind is bool:
+            return {self.flag if raw else str(self.negation): None}
+        return {self.flag: ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)}
 
 
-def requested(config: pytest.Config) -> str | None:
-    """Why the plugin is on from the start: the first ``--dit-*`` option or ``dit_*`` ini key (``-o`` too) the
-    run gives, or None. Only reads what pytest parsed already: cheap, and imports nothing."""
-    for flag, ini, _help, _kind, _default in OPTIONS:
-        if config.getoption(dest_of(flag), None) is not None:
-            return flag
-    for _flag, ini, _help, _kind, _default in OPTIONS:
-        if config.getini(ini) is not None:
-            return f"ini {ini}"
-    return None
+def option(flag: str, *, ini: str, kind: Any, default: Any, help: str, choices: tuple[str, ...] = (),
+           valid: str = "", required: bool = False) -> Any:
+    """A config field that is an option (see :class:`Option`); the field's default is the option's, unless
+    ``required`` (a field whose value a step of reading always derives, so a default would only mislead)."""
+    declared = Option(flag=flag, ini=ini, kind=kind, default=default, help=help, choices=choices, valid=valid)
+    return field(default=MISSING if required else default, metadata={_METADATA_KEY: declared})
+
+
+def declarations(config_class: type) -> dict[str, Option]:
+    """Field name -> option, for the option fields of a typed config, in declaration order."""
+    return {f.name: f.metadata[_METADATA_KEY] for f in fields(config_class) if _METADATA_KEY in f.metadata}
+
+
+def read_options(config: pytest.Config, config_class: type) -> dict[str, Any]:
+    """Field name -> value, for every option field of ``config_class`` (see :meth:`Option.read`)."""
+    return {name: declared.read(config) for name, declared in declarations(config_class).items()}
+
+
+def build(config: pytest.Config, config_class: type[ConfigT], steps: Sequence[Step]) -> ConfigT:
+    """``config_class`` from the options as read, each step checking, deriving or replacing some values."""
+    values = read_options(config, config_class)
+    for step in steps:
+        values.update(step(config, values))
+    return config_class(**values)
 
 
 def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
 
 
-def _raw(config: pytest.Config, flag: str, ini: str, kind: str, default: Any) -> Any:
-    """The value of one option: the command line's, else the ini file's, else ``default``. A given value
-    that is empty or does not parse is a usage error naming the option."""
-    value, where = config.getoption(dest_of(flag)), flag
-    if value is None:
-        value, where = config.getini(ini), f"{ini} (ini)"
-        if value is None:
-            return default
-    if kind == "bool":
-        return bool(value)
-    if kind in ("list", "floats"):
-        parts = _split(value if isinstance(value, list) else [value])
-        if not parts:
-            raise pytest.UsageError(f"{where} is empty (an unset variable?): give a value, or leave the option out "
-                                    f"for its default{_default_text(default)}")
-        if kind == "floats":
-            try:
-                return [float(p) for p in parts]
-            except ValueError:
-                raise pytest.UsageError(f"{where} expects numbers separated by commas, "
-                                        f"got {','.join(parts)!r}") from None
-        return parts
-    if not str(value).strip():
-        raise pytest.UsageError(f"{where} is empty (an unset variable?): give a value, or leave the option out for "
-                                f"its default{_default_text(default)}")
-    if kind == "int":
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise pytest.UsageError(f"{where} expects a whole number, got {value!r}") from None
-    if kind == "float":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise pytest.UsageError(f"{where} expects a number, got {value!r}") from None
-    return str(value)
-
-
 def _default_text(default: Any) -> str:
-    if default is None or default == "" or default == []:
+    if default is None or default == "" or default == ():
         return ""
-    return f" ({','.join(map(str, default)) if isinstance(default, list) else default})"
+    return f" ({_value_text(default)})"
 
 
-@dataclass(frozen=True)
+def _value_text(value: Any) -> str:
+    """A value as a user would give it (``0.5,2.0``, ``false``)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DitConfig:
-    """The plugin's settings for this session (one place that reads options and ini)."""
+    """The plugin's settings for this session: the options, as read and checked by :func:`read_config`, and
+    what the steps of reading derive from them (prompts, resolved paths, the parsed shard, what was given)."""
 
-    models: tuple[str, ...]
-    device: str
-    dtype: str
+    models: tuple[str, ...] = option(
+        "--dit-model", ini="dit_models", kind=list[str], default=(),
+        help="model(s) to test: registered name, HF repo id or local directory; repeat the option or give a comma "
+             "list (default: every tiny model)")
+    device: str = option(
+        "--dit-device", ini="dit_device", kind=str, default="auto", valid=DEVICES,
+        help="device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    dtype: str = option(
+        "--dit-dtype", ini="dit_dtype", kind=str, default="auto", choices=tuple(DTYPES),
+        help="dtype: auto (model's dtype on GPU, float32 on CPU), float32, float16, bfloat16")
+    protocol: str = option(
+        "--dit-protocol", ini="dit_protocol", kind=str, default="project",
+        valid="project, paper, or a protocol registered with register_protocol",
+        help="how redundancy is measured: 'project' (this package's definitions, the default) or 'paper' (the "
+             "redundancy study's protocol, exactly: its seed for every prompt, whole-batch mean, self-attention "
+             "only, its K/V/A tensors, step counts and schedulers; README 'Protocols')")
+    #: the prompt set: "" (the shipped set), a named set or a file
+    prompt_source: str = option(
+        "--dit-prompts", ini="dit_prompts", kind=str, default="",
+        help="prompt set: a named set (coco1000: the study's 1000 MS-COCO captions; default) or a file, one "
+             "prompt per line or .jsonl with a 'prompt' field (default: the 72 shipped prompts; coco1000 with "
+             "--dit-protocol=paper)")
     prompts: tuple[str, ...]
-    prompt_source: str
-    num_prompts: int
-    steps: int | None
-    scheduler: str | None
-    seed: int
-    batch_size: int
-    baseline_dir: Path
-    update_baselines: bool
-    step_factors: tuple[float, ...]
-    schedulers: tuple[str, ...]
-    cv_bounds: tuple[float, float]
-    min_shape_correlation: float
-    enforce_claims: bool = False
-    tolerance: str = "default"
-    given: dict[str, str | None] = field(default_factory=dict)  # options the user set (flags: None), for commands
-    report: Path | None = None  # --dit-report
-    json: Path | None = None  # --dit-json
-    shard: tuple[int, int] | None = None  # --dit-shard K/N (K from 1)
-    progress_interval: float = 10.0
-    protocol: str = "project"  # --dit-protocol
-    seed_given: bool = False  # --dit-seed set: under the paper protocol it replaces the study's seeds
-    baseline_name: str | None = None  # --dit-baseline-name: the selected model's baselines are stored under it
+    #: len(prompts): the first N of the set
+    num_prompts: int = option(
+        "--dit-num-prompts", ini="dit_num_prompts", kind=int, default=None, required=True,
+        help="how many prompts to profile per model, the first N of the set (default: 8 of the shipped set, 10 "
+             "of coco1000 with --dit-protocol=paper, or every prompt of a --dit-prompts file)")
+    steps: int | None = option(
+        "--dit-steps", ini="dit_steps", kind=int, default=None,
+        help="denoising steps, at least 2 (default: the model's own)")
+    scheduler: str | None = option(
+        "--dit-scheduler", ini="dit_scheduler", kind=str, default=None,
+        help="scheduler alias or diffusers class (default: the model's own)")
+    seed: int = option(
+        "--dit-seed", ini="dit_seed", kind=int, default=0,
+        help="seed; prompt i uses seed + i (--dit-protocol=paper: every prompt uses it; default there: the "
+             "study's seed of each model)")
+    #: --dit-seed given: under the paper protocol it replaces the study's seeds
+    seed_given: bool = False
+    batch_size: int = option(
+        "--dit-batch-size", ini="dit_batch_size", kind=int, default=8,
+        help="prompts per pipeline call (--dit-protocol=paper: 1, as the study)")
+    baseline_dir: Path = option(
+        "--dit-baseline-dir", ini="dit_baseline_dir", kind=Path, default=Path("baselines"),
+        help="where baselines live, relative to the rootdir")
+    baseline_name: str | None = option(
+        "--dit-baseline-name", ini="dit_baseline_name", kind=str, default=None,
+        help="judge the selected model against the baselines stored under this model name, e.g. "
+             "--dit-model=./new-ckpt --dit-baseline-name=pixart-alpha (default: the model's own name)")
+    update_baselines: bool = option(
+        "--dit-update-baselines", ini="dit_update_baselines", kind=bool, default=False,
+        help="rewrite the baseline sections of the selected tests instead of comparing against them")
+    step_factors: tuple[float, ...] = option(
+        "--dit-step-factors", ini="dit_step_factors", kind=list[float], default=(0.5, 2.0),
+        help="step-count suite: multiples of the default step count")
+    schedulers: tuple[str, ...] = option(
+        "--dit-schedulers", ini="dit_schedulers", kind=list[str], default=(),
+        help="scheduler suite: schedulers to compare (default: those that suit the model's prediction type)")
+    cv_bounds: tuple[float, float] = option(
+        "--dit-cv-bounds", ini="dit_cv_bounds", kind=list[float], default=(0.0, 0.2),
+        help="prompt-stability claim: robust CV across prompts must lie in LO,HI (the paper reports 10-15 "
+             "percent); reported, and failing only with --dit-enforce-claims")
+    min_shape_correlation: float = option(
+        "--dit-min-shape-correlation", ini="dit_min_shape_correlation", kind=float, default=0.8,
+        help="step/scheduler claim: minimum shape correlation of the profile under other step counts or "
+             "schedulers; reported, and failing only with --dit-enforce-claims")
+    enforce_claims: bool = option(
+        "--dit-enforce-claims", ini="dit_enforce_claims", kind=bool, default=False,
+        help="fail when a model breaks the paper's stability claims (--dit-cv-bounds, "
+             "--dit-min-shape-correlation), not only when it changed from its baseline; without a baseline the "
+             "claims alone judge the model")
+    tolerance: str = option(
+        "--dit-tolerance", ini="dit_tolerance", kind=str, default="default", choices=TOLERANCES,
+        help="regression tolerance: default (device noise and benign changes never fail) or strict (calibrated "
+             "on measured run-to-run noise; catches bf16 round trips and quantisation)")
+    report: Path | None = option(
+        "--dit-report", ini="dit_report", kind=Path, default=None,
+        help="write a self-contained HTML report to this path (e.g. reports/index.html)")
+    json: Path | None = option(
+        "--dit-json", ini="dit_json", kind=Path, default=None,
+        help="write the report's content as JSON to this path (with --dit-shard: also the per-prompt profiles "
+             "that 'python -m pytest_ditredundancy merge' combines)")
+    #: (K, N), K from 1
+    shard: tuple[int, int] | None = option(
+        "--dit-shard", ini="dit_shard", kind=str, default=None,
+        help="K/N: profile only shard K (1..N) of the prompt list, a contiguous block; suites are judged when the "
+             "shards are merged")
+    progress_interval: float = option(
+        "--dit-progress-interval", ini="dit_progress_interval", kind=float, default=10.0,
+        help="seconds between progress lines while profiling (0: after every batch, negative: never)")
+    #: options the user set on the command line (flags: None), for the commands messages suggest
+    given: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def prompt_digest(self) -> str | None:
@@ -226,7 +312,9 @@ class DitConfig:
     def noise_seed(self) -> int | None:
         """The seed profiles use: ``seed`` (prompt i then uses seed + i), or under the paper protocol ``None``
         (each model's study seed, the same for every prompt) unless ``--dit-seed`` was given."""
-        return self.seed if self.protocol == "project" or self.seed_given else None
+        from ..profiling.protocol_registry import get_protocol
+
+        return get_protocol(self.protocol).seed_given(self.seed, self.seed_given)
 
     def command(self, model: str, *extra: str) -> str:
         """The pytest command line that reproduces this session's settings for ``model``: the model as the user
@@ -238,120 +326,185 @@ class DitConfig:
         return " ".join([*parts, *extra])
 
 
-def read_config(config: pytest.Config) -> DitConfig:
-    """Every option, parsed and checked; a bad value is a :class:`pytest.UsageError` (exit 4)."""
-    from ..profiling.paper import PAPER_NUM_PROMPTS, PAPER_PROMPTS, ProtocolError, check_protocol
-    from ..profiling.prompts import PROMPT_SETS, PromptFileError, resolve_prompts, select_prompts
-    from ..profiling.schedulers import UnknownSchedulerError, scheduler_class_and_overrides
-    from .shard import ShardError, parse_shard
-    from ..judging.tolerances import LEVELS
+@dataclass(frozen=True, kw_only=True)
+class CacheOptions:
+    """The cache suite's settings, read by :func:`~pytest_ditredundancy.plugin.cache_options.read_cache_options`."""
 
-    values = {ini: _raw(config, flag, ini, kind, default) for flag, ini, _, kind, default in OPTIONS}
-    given: dict[str, str | None] = {}
-    for flag, ini, _, kind, _default in OPTIONS:
-        raw = config.getoption(dest_of(flag))
-        if kind == "bool":  # a flag: repeated as typed (--dit-x or --no-dit-x); the update flag is the caller's
-            if raw is not None and flag != "--dit-update-baselines":
-                given[flag if raw else f"--no-{flag[2:]}"] = None
-        elif raw not in (None, []):
-            given[flag] = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
-    values["dit_models"] = list(dict.fromkeys(values["dit_models"]))  # the same model twice runs once
+    specs: tuple[CacheSpec, ...] = option(
+        "--dit-cache", ini="dit_caches", kind=list[str], default=(),
+        help="cache suite: caching strategy to gate, repeatable: none, profile[:budget=0.3|threshold=0.05|"
+             "schedule=FILE], fbcache[:threshold=0.05], pab, fastercache, magcache, taylorseer (see the README "
+             "section Cache gate)")
+    repeats: int = option(
+        "--dit-cache-repeats", ini="dit_cache_repeats", kind=int, default=3,
+        help="cache suite: timed runs per strategy (uncached and cached interleaved; the speedup is the ratio of "
+             "the medians)")
+    budgets: tuple[float, ...] = option(
+        "--dit-cache-budgets", ini="dit_cache_budgets", kind=list[float], default=(0.1, 0.3, 0.5),
+        help="cache suite: budgets of the profile schedule's error sweep")
+    min_psnr: float | None = option(
+        "--dit-cache-min-psnr", ini="dit_cache_min_psnr", kind=float, default=None,
+        help="cache suite: minimum PSNR (dB) used where no baseline exists")
+    min_skipped: float | None = option(
+        "--dit-cache-min-skipped", ini="dit_cache_min_skipped", kind=float, default=None,
+        help="cache suite: minimum fraction of attention compute skipped, in [0, 1), used where no baseline exists")
+
+
+#: every option, in the order of ``pytest --help``
+OPTIONS: tuple[Option, ...] = (*declarations(DitConfig).values(), *declarations(CacheOptions).values())
+_DIT = declarations(DitConfig)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option and its ini twin, in one option group."""
+    group = parser.getgroup("ditredundancy", "DiT redundancy profiling (pytest-ditredundancy)")
+    for declared in OPTIONS:
+        declared.register(group, parser)
+
+
+def requested(config: pytest.Config) -> str | None:
+    """Why the plugin is on from the start: the first ``--dit-*`` option or ``dit_*`` ini key (``-o`` too) the
+    run gives, or None. Only reads what pytest parsed already: cheap, and imports nothing."""
+    for declared in OPTIONS:
+        if declared.on_command_line(config):
+            return declared.flag
+    for declared in OPTIONS:
+        if config.getini(declared.ini) is not None:
+            return f"ini {declared.ini}"
+    return None
+
+
+# -- reading DitConfig: the options as read, then these steps ------------------------------------------------------
+def _check_numbers(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """Counts and bounds that a number's type alone does not check."""
+    if values["batch_size"] < 1:
+        raise pytest.UsageError(f"--dit-batch-size (ini dit_batch_size) must be at least 1, got {values['batch_size']}")
+    if values["steps"] is not None and values["steps"] < 2:
+        raise pytest.UsageError(f"--dit-steps must be at least 2 (a profile compares consecutive steps), "
+                                f"got {values['steps']}")
+    bounds = values["cv_bounds"]
+    if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < 0:
+        raise pytest.UsageError(f"--dit-cv-bounds expects LO,HI with 0 <= LO <= HI, got {list(bounds)}")
+    correlation = values["min_shape_correlation"]
+    if not -1.0 <= correlation <= 1.0:
+        raise pytest.UsageError(f"--dit-min-shape-correlation must lie in [-1, 1], got {correlation}")
+    if any(f <= 0 for f in values["step_factors"]):
+        raise pytest.UsageError(f"--dit-step-factors must be positive, got {list(values['step_factors'])}")
+    return {}
+
+
+def _select_models(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """Each model once (the same model twice runs once); ``--dit-baseline-name`` judges exactly one model."""
+    models = tuple(dict.fromkeys(values["models"]))
+    if values["baseline_name"] is not None and len(models) != 1:
+        selected = ", ".join(models) or "every tiny model (no --dit-model)"
+        raise pytest.UsageError(f"--dit-baseline-name={values['baseline_name']} judges one model against another "
+                                f"model's baselines: select exactly one model with --dit-model (selected: {selected})")
+    return {"models": models}
+
+
+def _apply_protocol(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """``--dit-protocol``: a registered protocol; it sets the batch size when none is given, and may allow only
+    its own (the paper protocol: one prompt per call). The protocol checks the models in ``check_models``."""
+    from ..profiling.protocol_registry import get_protocol
+    from ..profiling.protocols import ProtocolError
+
     try:
-        protocol = check_protocol(values["dit_protocol"])
+        protocol = get_protocol(values["protocol"])
     except ProtocolError as exc:
         raise pytest.UsageError(f"{exc} (--dit-protocol)") from None
-    paper = protocol == "paper"
-    if paper:
-        batch_given = _given(config, "--dit-batch-size", "dit_batch_size")
-        if batch_given and values["dit_batch_size"] != 1:
-            raise pytest.UsageError(f"--dit-protocol=paper runs one prompt per pipeline call, as the study did; "
-                                    f"--dit-batch-size={values['dit_batch_size']} does not apply (leave it out)")
-        values["dit_batch_size"] = 1
-        for model in values["dit_models"]:
-            _check_paper_model(model)
-    seed_given = _given(config, "--dit-seed", "dit_seed")
-    for flag, name in (("--dit-batch-size", "dit_batch_size"),):
-        if values[name] < 1:
-            raise pytest.UsageError(f"{flag} (ini {name}) must be at least 1, got {values[name]}")
-    if values["dit_steps"] is not None and values["dit_steps"] < 2:
-        raise pytest.UsageError(f"--dit-steps must be at least 2 (a profile compares consecutive steps), got {values['dit_steps']}")
-    device, dtype = _check_device(values["dit_device"]), _check_dtype(values["dit_dtype"])
-    if values["dit_baseline_name"] is not None and len(values["dit_models"]) != 1:
-        selected = ", ".join(values["dit_models"]) or "every tiny model (no --dit-model)"
-        raise pytest.UsageError(f"--dit-baseline-name={values['dit_baseline_name']} judges one model against another "
-                                f"model's baselines: select exactly one model with --dit-model (selected: {selected})")
-    for name in [values["dit_scheduler"], *values["dit_schedulers"]]:
+    given = values["batch_size"] if _DIT["batch_size"].given(config) else None
+    try:
+        return {"batch_size": protocol.batch_size(given)}
+    except ProtocolError as exc:
+        raise pytest.UsageError(f"{exc}: --dit-batch-size does not apply under --dit-protocol={protocol.name} "
+                                "(leave it out)") from None
+
+
+def _check_device_and_dtype(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    return {"device": _check_device(values["device"]), "dtype": DTYPES[values["dtype"]]}
+
+
+def _check_schedulers(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """``--dit-scheduler`` and ``--dit-schedulers``: aliases or diffusers classes that exist."""
+    from ..profiling.schedulers import UnknownSchedulerError, scheduler_class_and_overrides
+
+    for name in [values["scheduler"], *values["schedulers"]]:
         if name and name != "default":
             try:
                 scheduler_class_and_overrides(name)
             except UnknownSchedulerError as exc:
                 raise pytest.UsageError(str(exc)) from None
-    source = values["dit_prompts"] or (PAPER_PROMPTS if paper else "")
+    return {}
+
+
+def _select_prompts(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """``--dit-prompts`` and ``--dit-num-prompts``: the prompt set (the protocol's default set when none is
+    given; ``default`` names the shipped one) and its first N prompts (the protocol's count for a named set,
+    every prompt of a file)."""
+    from ..profiling.prompts import PROMPT_SETS, PromptFileError, resolve_prompts, select_prompts
+    from ..profiling.protocol_registry import get_protocol
+
+    protocol = get_protocol(values["protocol"])
+    source = values["prompt_source"] or protocol.default_prompt_set
     source = "" if source == "default" else source  # the shipped set by its name
+    count = values["num_prompts"]
     try:
         pool = resolve_prompts(source or "default")
-        named = not source or source in PROMPT_SETS
-        count = values["dit_num_prompts"]
-        if count is None:
-            count = None if not named else PAPER_NUM_PROMPTS if paper else DEFAULT_NUM_PROMPTS
+        if count is None and (not source or source in PROMPT_SETS):
+            count = protocol.num_prompts(source or "default")
         if count is not None and count < 1:
             raise ValueError(f"--dit-num-prompts must be at least 1, got {count}")
         prompts = select_prompts(pool, count, f"prompt set {source}" if source else "the shipped prompt set")
     except (PromptFileError, ValueError) as exc:
         raise pytest.UsageError(f"{exc} (--dit-prompts / --dit-num-prompts)") from None
-    bounds = values["dit_cv_bounds"]
-    if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < 0:
-        raise pytest.UsageError(f"--dit-cv-bounds expects LO,HI with 0 <= LO <= HI, got {bounds}")
-    if not -1.0 <= values["dit_min_shape_correlation"] <= 1.0:
-        raise pytest.UsageError(f"--dit-min-shape-correlation must lie in [-1, 1], got {values['dit_min_shape_correlation']}")
-    if values["dit_tolerance"] not in LEVELS:
-        raise pytest.UsageError(f"--dit-tolerance must be one of {', '.join(LEVELS)}, got {values['dit_tolerance']!r}")
-    factors = values["dit_step_factors"]
-    if any(f <= 0 for f in factors):
-        raise pytest.UsageError(f"--dit-step-factors must be positive, got {factors}")
+    return {"prompt_source": source, "prompts": tuple(prompts), "num_prompts": len(prompts)}
+
+
+def _parse_shard(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """``--dit-shard=K/N`` -> (K, N), checked against the prompts; a shard cannot update baselines."""
+    from .shard import ShardError, parse_shard
+
+    if values["shard"] is None:
+        return {}
     try:
-        shard = parse_shard(values["dit_shard"], len(prompts)) if values["dit_shard"] else None
+        shard = parse_shard(values["shard"], len(values["prompts"]))
     except ShardError as exc:
         raise pytest.UsageError(f"{exc} (--dit-shard)") from None
-    if shard and values["dit_update_baselines"]:
+    if values["update_baselines"]:
         raise pytest.UsageError("--dit-update-baselines needs every prompt: run it without --dit-shard")
-    baseline_dir = Path(values["dit_baseline_dir"]).expanduser()
-    if not baseline_dir.is_absolute():
-        baseline_dir = Path(config.rootpath) / baseline_dir
-    return DitConfig(
-        models=tuple(values["dit_models"]), device=device, dtype=dtype,
-        prompts=tuple(prompts), prompt_source=source, num_prompts=len(prompts),
-        steps=values["dit_steps"], scheduler=values["dit_scheduler"] or None, seed=values["dit_seed"],
-        batch_size=values["dit_batch_size"], baseline_dir=baseline_dir,
-        update_baselines=bool(values["dit_update_baselines"]), step_factors=tuple(factors),
-        schedulers=tuple(values["dit_schedulers"]),
-        cv_bounds=(bounds[0], bounds[1]), min_shape_correlation=values["dit_min_shape_correlation"],
-        enforce_claims=bool(values["dit_enforce_claims"]), tolerance=values["dit_tolerance"], given=given,
-        report=_output_path(config, "--dit-report", values["dit_report"]),
-        json=_output_path(config, "--dit-json", values["dit_json"]), shard=shard,
-        progress_interval=values["dit_progress_interval"], protocol=protocol, seed_given=seed_given,
-        baseline_name=values["dit_baseline_name"],
-    )
+    return {"shard": shard}
 
 
-def _given(config: pytest.Config, flag: str, ini: str) -> bool:
-    """Whether the run gives this option (on the command line or in the ini file), whatever its value."""
-    return config.getoption(dest_of(flag)) is not None or config.getini(ini) is not None
+def _resolve_paths(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """The baseline directory relative to the rootdir; report paths relative to the invocation directory when
+    given on the command line, else (the ini file's) to the rootdir."""
+    root = Path(config.rootpath)
+    paths = {"baseline_dir": root / values["baseline_dir"]}  # an absolute path stays as it is
+    for name in ("report", "json"):
+        if values[name] is not None:
+            base = Path(config.invocation_params.dir) if _DIT[name].on_command_line(config) else root
+            paths[name] = base / values[name]
+    return paths
 
 
-def _check_paper_model(model: str) -> None:
-    """A model the paper protocol can run: one of the study's seven families (tiny twins included)."""
-    from ..profiling.paper import ProtocolError, paper_setup
-    from ..zoo.loading import resolve_spec
+def _record_given(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """What the command line gave, as typed (the update flag is the caller's to add), and whether a seed was
+    given at all (ini too)."""
+    given: dict[str, str | None] = {}
+    for declared in OPTIONS:
+        if declared.flag != "--dit-update-baselines":
+            given.update(declared.as_typed(config))
+    return {"given": given, "seed_given": _DIT["seed"].given(config)}
 
-    try:
-        spec = resolve_spec(model)
-    except Exception:  # unknown or unloadable: its tests report that themselves
-        return
-    try:
-        paper_setup(spec.family, spec.name)
-    except ProtocolError as exc:
-        raise pytest.UsageError(f"{exc} (--dit-protocol=paper, --dit-model)") from None
+
+_DIT_STEPS: tuple[Step, ...] = (_check_numbers, _select_models, _apply_protocol, _check_device_and_dtype,
+                                _check_schedulers, _select_prompts, _parse_shard, _resolve_paths, _record_given)
+
+
+def read_config(config: pytest.Config) -> DitConfig:
+    """Every option, parsed and checked; a bad value is a :class:`pytest.UsageError` (exit 4)."""
+    return build(config, DitConfig, _DIT_STEPS)
 
 
 def _check_device(text: str) -> str:
@@ -379,19 +532,35 @@ def _check_device(text: str) -> str:
     return text
 
 
-def _check_dtype(text: str) -> str:
-    if text not in DTYPES:
-        raise pytest.UsageError(f"--dit-dtype={text} is not a dtype the plugin runs; valid values: "
-                                f"{', '.join(DTYPES)}")
-    return DTYPES[text]
+# -- the options reference (docs/options.md) -------------------------------------------------------------------
+MARKDOWN_INTRO = """\
+# Options
+
+<!-- Generated from the option declarations in pytest_ditredundancy/plugin/options.py; do not edit by hand.
+     Regenerate: python -m pytest_ditredundancy options --markdown > docs/options.md -->
+
+Every option of the `ditredundancy` group (`pytest --help`) has an ini twin (`[pytest]` or
+`[tool.pytest.ini_options]`); the command line wins over the ini file. A boolean flag also has a `--no-` form
+that turns an ini `true` off. A list option can be repeated and takes comma lists (in the ini file: values
+separated by spaces or commas). A value given is a value used, or a usage error (exit 4) that names the option:
+an empty value (an unset variable) never means the default. Giving any option or ini key turns the plugin on.
+"""
 
 
-def _output_path(config: pytest.Config, flag: str, value: str) -> Path | None:
-    """Report paths: relative to the invocation directory when given on the command line, else to the rootdir."""
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path
-    given = config.getoption(flag[2:].replace("-", "_")) not in (None, "")
-    return Path(config.invocation_params.dir if given else config.rootpath) / path
+def options_table() -> list[list[str]]:
+    """One row per option: option (and its ``--no-`` form), ini key, type, default, valid values, help."""
+    rows = [["option", "ini key", "type", "default", "valid values", "help"]]
+    for declared in OPTIONS:
+        names = " / ".join(f"`{name}`" for name in (declared.flag, declared.negation) if name)
+        default = "" if declared.default in (None, "", ()) else f"`{_value_text(declared.default)}`"
+        valid = ", ".join(f"`{choice}`" for choice in declared.choices) or declared.valid
+        rows.append([names, f"`{declared.ini}`", declared.kind_name, default, valid, declared.help])
+    return rows
+
+
+def options_markdown() -> str:
+    """The text of ``docs/options.md``."""
+    rows = [[cell.replace("|", "\\|") for cell in row] for row in options_table()]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return MARKDOWN_INTRO + "\n" + "\n".join(lines) + "\n"

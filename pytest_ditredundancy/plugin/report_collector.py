@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from ..judging.baselines import Baseline, BaselineError, read_baseline_file
+from ..profiling.settings import RunRequest
 from ..capture.environment import device_name
 from .relay import emit
 from .session import DitSession
@@ -119,12 +120,12 @@ class ReportCollector:
         if not self._announced:
             emit(item, WORKER_KEY, self._worker_facts())
             self._announced = True
-        for key, (spec, settings) in list(self.dit.touched.items()):
+        for key, request in list(self.dit.touched.items()):
             if key in self._sent:
                 continue
-            emit(item, SUMMARY_KEY, self._summary(key, spec, settings))
+            emit(item, SUMMARY_KEY, self._summary(key, request))
             if self.dit.config.shard:
-                emit(item, PROFILE_KEY, self._full_profile(key, spec, settings))
+                emit(item, PROFILE_KEY, self._full_profile(key, request))
             self._sent.add(key)
 
     def _worker_facts(self) -> dict[str, Any]:
@@ -136,31 +137,32 @@ class ReportCollector:
         return {"worker": self.worker_id or "main", "device": str(device), "device_name": name,
                 "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
 
-    def _summary(self, key: tuple, spec: Any, settings: Any) -> dict[str, Any]:
+    def _summary(self, key: tuple, request: RunRequest) -> dict[str, Any]:
         if key not in self._cache:
-            default = self.dit.settings(spec)
-            settings_key = self.dit.settings_key(settings)
+            spec, settings = request.spec, request.settings
+            default = self.dit.request(spec).settings
             baseline = None
             if settings == default and not self.dit.config.update_baselines and not self.dit.config.shard:
                 name = self.dit.baseline_name_for(spec)
-                path = self.dit.store.path_for(name, settings_key)
+                path = self.dit.store.path_for(name, request.key)
                 try:
-                    baseline = Baseline(path, name, settings_key, read_baseline_file(path)) if path.exists() else None
+                    baseline = Baseline(path, name, request.key, read_baseline_file(path)) if path.exists() else None
                 except BaselineError:
                     baseline = None  # the regression suite reports the damage itself
             self._cache[key] = jsonable(profile_summary(
                 self.dit.profiles[key], model=spec.name, family=spec.family, in_paper=spec.in_paper,
-                settings=settings, settings_key=settings_key, default=default, baseline=baseline,
+                settings=settings, settings_key=request.key, default=default, baseline=baseline,
                 device_class=self.dit.device_class))
         return self._cache[key]
 
-    def _full_profile(self, key: tuple, spec: Any, settings: Any) -> dict[str, Any]:
-        start, end = shard_range(len(self.dit.config.prompts), self.dit.config.shard)
+    def _full_profile(self, key: tuple, request: RunRequest) -> dict[str, Any]:
+        spec = request.spec
+        start, end = shard_range(len(request.prompts), self.dit.config.shard)
         return {"model": spec.name, "reference": self.dit.reference(spec),
-                "baseline_name": self.dit.baseline_name_for(spec), "settings_key": self.dit.settings_key(settings),
-                "settings": dict(settings.__dict__),
+                "baseline_name": self.dit.baseline_name_for(spec), "settings_key": request.key,
+                "settings": dict(request.settings.__dict__),
                 "spec": spec_fields(spec), "shard": list(self.dit.config.shard), "start": start, "end": end,
-                "total": len(self.dit.config.prompts), "profile": json.loads(self.dit.profiles[key].to_json())}
+                "total": len(request.prompts), "profile": json.loads(self.dit.profiles[key].to_json())}
 
     # -- the controller -------------------------------------------------------------------------------------
     def add_collected(self, ids: list[str]) -> None:

@@ -19,18 +19,20 @@ from ..judging.baselines import BaselineStore
 from ..capture.environment import device_class
 from .options import DitConfig
 from ..capture.profile import RedundancyProfile
-from ..profiling.paper import PAPER_SETUPS
-from ..profiling.runner import RunSettings, profile_model, protocol_spec, settings_for
+from ..profiling.protocol_registry import get_protocol
+from ..profiling.protocols import Protocol, ProtocolError
+from ..profiling.runner import run_profile
+from ..profiling.settings import RunRequest, RunSettings, resolve_run
 from .shard import shard_range
 from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_device, resolve_spec
-from ..zoo.registry import ModelSpec, UnknownModelError, registered_models, tiny_model_names
+from ..zoo.registry import ModelSpec, UnknownModelError, get_spec, registered_models, tiny_model_names
 
 #: keys of a test's data (``relay.emit``): suite records, and baseline files used
 RECORD_KEY = "ditredundancy"
 BASELINE_USED_KEY = "ditredundancy-baseline"
 #: what a spec borrows from the model named by ``--dit-baseline-name``: the settings its baselines were made with
 BORROWED = ("steps", "height", "width", "num_frames", "guidance_scale", "scheduler", "dtype", "call_kwargs",
-            "frames_argument", "conditioning", "prediction", "branch_layout")
+            "frames_argument", "conditioning", "prediction", "branch_layout", "prompt_set")
 
 
 @dataclass
@@ -43,18 +45,17 @@ class PipelineSlot:
     seed: int
     name: str | None = None
     pipeline: Any = None
-    protocol: str = "project"  # the paper protocol loads the study's dtype on a GPU
     failed: dict[str, str] = field(default_factory=dict)
 
     def get(self, spec: ModelSpec) -> Any:
+        """The pipeline of ``spec`` (as its protocol runs it: the paper protocol loads the study's dtype)."""
         if spec.name in self.failed:
             pytest.fail(f"{self.failed[spec.name]}\n(this model failed to load earlier in the session; not retried)",
                         pytrace=False)
         if self.name != spec.name:
             self.release()
             try:
-                self.pipeline = load_model(protocol_spec(spec, self.protocol), device=self.device, dtype=self.dtype,
-                                           seed=self.seed)
+                self.pipeline = load_model(spec, device=self.device, dtype=self.dtype, seed=self.seed)
             except ModelLoadError as exc:
                 self.failed[spec.name] = str(exc)
             else:
@@ -82,16 +83,25 @@ class DitSession:
     baselines_used: set[str] = field(default_factory=set)
     deselected: int = 0
     progress: Callable[[str], None] | None = None
-    #: profiles used since the report last looked: (cache key) -> (spec, settings); see report.collector
-    touched: dict[tuple, tuple[ModelSpec, RunSettings]] = field(default_factory=dict)
+    #: profiles used since the report last looked: (cache key) -> its run; see plugin.report_collector
+    touched: dict[tuple, RunRequest] = field(default_factory=dict)
     #: spec name -> the model as the user typed it (``./new-ckpt``), for the commands messages suggest
     references: dict[str, str] = field(default_factory=dict)
     _specs: dict[str, ModelSpec] = field(default_factory=dict)
+    _requests: dict[tuple, RunRequest] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: DitConfig) -> "DitSession":
-        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed, protocol=config.protocol)
-        return cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
+    def from_config(cls, config: DitConfig, specs: dict[str, ModelSpec] | None = None) -> "DitSession":
+        """The session of ``config``; ``specs`` are the selected models as :func:`check_models` resolved them."""
+        slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed)
+        session = cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
+        for model, spec in (specs or {}).items():
+            session.spec(model, resolved=spec)
+        return session
+
+    @property
+    def protocol(self) -> Protocol:
+        return get_protocol(self.config.protocol)
 
     # -- models -------------------------------------------------------------------------------------------
     def selected_models(self) -> list[str]:
@@ -99,20 +109,20 @@ class DitSession:
         of the study's seven)."""
         if self.config.models:
             return list(self.config.models)
-        if self.config.protocol == "paper":
-            return [name for name in tiny_model_names() if resolve_spec(name).family in PAPER_SETUPS]
-        return tiny_model_names()
+        return [name for name in tiny_model_names() if self.protocol.selects(get_spec(name))]
 
-    def spec(self, model: str) -> ModelSpec:
-        """The spec of a selected model (as typed). With ``--dit-baseline-name`` naming a registered model, the
-        spec runs with that model's settings, so its profile is comparable with that model's baselines."""
+    def spec(self, model: str, *, resolved: ModelSpec | None = None) -> ModelSpec:
+        """The spec of a selected model (as typed), resolved once per session and as its protocol runs it. With
+        ``--dit-baseline-name`` naming a registered model, the spec runs with that model's settings, so its
+        profile is comparable with that model's baselines."""
         if model not in self._specs:
-            spec = resolve_spec(model)
+            spec = resolved or resolve_spec(model)
             other = self.config.baseline_name
             if other and other != spec.name and other in registered_models():
                 base = registered_models()[other]
                 spec = replace(spec, **{name: getattr(base, name) for name in BORROWED})
-            self._specs[model] = spec
+            self.protocol.check_model(spec)
+            self._specs[model] = self.protocol.spec(spec)
             self.references.setdefault(spec.name, model)
         return self._specs[model]
 
@@ -137,30 +147,38 @@ class DitSession:
         return device_class(self.device)
 
     # -- profiles -----------------------------------------------------------------------------------------
-    def settings(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RunSettings:
-        return settings_for(spec, steps=steps or self.config.steps, scheduler=scheduler or self.config.scheduler,
-                            seed=self.config.noise_seed, num_prompts=self.config.num_prompts,
-                            protocol=self.config.protocol)
+    def request(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RunRequest:
+        """The run of ``spec`` under the session's options, resolved once per model and variant (``steps`` /
+        ``scheduler``: the stability suites' variants)."""
+        key = (spec.name, steps or None, scheduler or None)
+        if key not in self._requests:
+            base = self._requests.get((spec.name, None, None)) or self._resolve(spec)
+            self._requests[(spec.name, None, None)] = base
+            self._requests[key] = base.variant(steps=steps, scheduler=scheduler)
+        return self._requests[key]
 
-    def settings_key(self, settings: RunSettings) -> str:
-        tag = self.config.prompt_tag
-        return settings.key() + (f"-{tag}" if tag else "")
+    def _resolve(self, spec: ModelSpec) -> RunRequest:
+        """The options as a :class:`RunRequest`: prompts the user named (``--dit-prompts``) or the model's own
+        set (its protocol's choice: the trained models run their ``shapes`` captions)."""
+        config = self.config
+        named = bool(config.prompt_source)
+        return resolve_run(spec, protocol=self.protocol, prompts=config.prompts if named else None,
+                           prompt_source=config.prompt_source or None, prompt_tag=config.prompt_tag,
+                           num_prompts=None if named else config.num_prompts, steps=config.steps,
+                           scheduler=config.scheduler, seed=config.noise_seed, batch_size=config.batch_size)
 
-    def profile(self, spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None) -> RedundancyProfile:
-        """The profile of ``spec`` under the session settings (computed once per session and settings)."""
-        settings = self.settings(spec, steps=steps, scheduler=scheduler)
-        key = (spec.name, settings, self.config.prompts, self.config.device, self.config.dtype)
+    def profile_key(self, request: RunRequest) -> tuple:
+        return (request.spec.name, request.settings, request.prompts, self.config.device, self.config.dtype)
+
+    def profile(self, request: RunRequest) -> RedundancyProfile:
+        """The profile of ``request`` (computed once per session; a shard profiles its block of the prompts)."""
+        key = self.profile_key(request)
         if key not in self.profiles:
-            pipe = self.slot.get(spec)
-            start, end = shard_range(len(self.config.prompts), self.config.shard)  # seeds stay seed + global index
-            self.profiles[key] = profile_model(
-                pipe, prompts=list(self.config.prompts[start:end]), steps=settings.steps, scheduler=settings.scheduler,
-                seed=settings.seed, batch_size=self.config.batch_size, height=settings.height,
-                width=settings.width, num_frames=settings.num_frames, guidance_scale=settings.guidance_scale,
-                progress=self._progress_callback(spec.name, settings), prompt_offset=start,
-                protocol=settings.protocol,
-            )
-        self.touched.setdefault(key, (spec, settings))
+            pipe = self.slot.get(request.spec)
+            start, end = shard_range(len(request.prompts), self.config.shard)  # seeds stay seed + global index
+            self.profiles[key] = run_profile(pipe, request.shard(start, end),
+                                             progress=self._progress_callback(request.spec.name, request.settings))
+        self.touched.setdefault(key, request)
         return self.profiles[key]
 
     def _progress_callback(self, model: str, settings: RunSettings):
@@ -180,12 +198,12 @@ class DitSession:
 
         return callback
 
-    def baseline_metadata(self, profile: RedundancyProfile, settings: RunSettings) -> dict[str, Any]:
+    def baseline_metadata(self, profile: RedundancyProfile, request: RunRequest) -> dict[str, Any]:
         from ..capture.environment import device_name
 
         meta = profile.metadata
         return {"device_class": self.device_class, "device_name": device_name(self.device), "dtype": meta.dtype,
-                "settings": {**settings.__dict__, "prompt_source": self.config.prompt_source or "shipped"},
+                "settings": {**request.settings.__dict__, "prompt_source": request.prompt_source},
                 "versions": meta.versions, "pipeline_class": meta.pipeline_class,
                 "transformer_class": meta.transformer_class, "scheduler_class": meta.scheduler_class}
 
@@ -193,19 +211,27 @@ class DitSession:
         self.slot.release()
 
 
-def check_models(config: DitConfig, *, probe_hub: bool) -> DitConfig:
-    """The selected models, checked before anything runs; every problem is one :class:`pytest.UsageError`.
+def check_models(config: DitConfig, *, probe_hub: bool) -> tuple[DitConfig, dict[str, ModelSpec]]:
+    """The selected models, resolved and checked before anything runs: the config (duplicates dropped) and
+    each model's spec (as typed -> spec), which the session keeps. Every problem is one
+    :class:`pytest.UsageError`.
 
     Unknown names (with close names), directories without a pipeline, two different checkpoints with one name,
-    and (``probe_hub``: once, on the controller) Hugging Face models that are neither cached nor reachable. A
-    model selected twice (also under two spellings) runs once."""
+    a model the protocol cannot measure, and (``probe_hub``: once, on the controller) Hugging Face models that
+    are neither cached nor reachable. A model selected twice (also under two spellings) runs once."""
     kept: dict[tuple[str, str | None], str] = {}
     names: dict[str, str] = {}
+    specs: dict[str, ModelSpec] = {}
+    protocol = get_protocol(config.protocol)
     for model in config.models:
         try:
             spec = resolve_spec(model)
         except (UnknownModelError, ModelLoadError) as exc:
             raise pytest.UsageError(f"--dit-model={model}: {exc}") from None
+        try:
+            protocol.check_model(spec)
+        except ProtocolError as exc:
+            raise pytest.UsageError(f"{exc} (--dit-protocol={protocol.name}, --dit-model)") from None
         identity = (spec.name, spec.checkpoint if spec.build is None else None)
         if identity in kept:
             continue
@@ -213,8 +239,8 @@ def check_models(config: DitConfig, *, probe_hub: bool) -> DitConfig:
             raise pytest.UsageError(f"--dit-model={names[spec.name]} and --dit-model={model} are two models named "
                                     f"{spec.name!r}: their baselines and report entries would collide; rename one "
                                     "directory")
-        kept[identity], names[spec.name] = model, model
+        kept[identity], names[spec.name], specs[model] = model, model, spec
         problem = hub_problem(spec) if probe_hub and config.models else None
         if problem:
             raise pytest.UsageError(f"--dit-model={model}: {problem}")
-    return replace(config, models=tuple(kept.values()))
+    return replace(config, models=tuple(kept.values())), specs

@@ -23,11 +23,12 @@ from ..zoo.registry import ModelSpec
 #: key (in a test's data, ``relay.emit``) of a suite call a shard deferred to the merge
 DEFERRED_KEY = "ditredundancy-deferred"
 #: SuiteCheck attributes that are plumbing, not suites: handed through unchanged
-PLUMBING = frozenset({"profile", "baseline", "record", "missing", "update", "settings", "key", "session", "spec", "item"})
+PLUMBING = frozenset({"profile", "baseline", "settings", "key", "request", "tolerance", "baseline_name", "session",
+                      "spec", "item", "judge"})
 #: the ModelSpec fields a merge needs to rebuild the spec without the model's registry entry
 SPEC_FIELDS = ("name", "family", "pipeline_class", "checkpoint", "steps", "height", "width", "guidance_scale",
                "scheduler", "dtype", "num_frames", "frames_argument", "conditioning", "prediction", "branch_layout",
-               "in_paper", "description")
+               "in_paper", "description", "prompt_set")
 
 
 class ShardError(ValueError):
@@ -121,6 +122,6 @@ def deferred_distinctness(session: Any, item: Any, shard: tuple[int, int]) -> No
     if len(models) < 2:
         pytest.skip("model distinctness needs two or more models (--dit-model=a,b)")
     for name in models:
-        session.profile(session.spec(name))
+        session.profile(session.request(session.spec(name)))
     _note(item, "", None, "model_distinctness", (), {})
     _skip(shard, "model distinctness")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..capture.adapters import FusedSlice
 from ..capture.sites import DEFAULT_KINDS, CaptureSite, validate_kinds
-from ..zoo.real_configs import Geometry, RealConfig, build_on_meta, load_real_config, real_sites
+from ..zoo.real_configs import Geometry, build_on_meta, load_real_config, real_sites
 from ..zoo.registry import ModelSpec, get_spec
 
 IMAGE, TEXT, JOINT, TEXT_PER_FRAME = "image", "text", "joint", "text x frames"

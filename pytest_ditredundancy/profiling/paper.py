@@ -32,31 +32,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..capture.adapters import FusedSlice
 from ..capture.sites import CaptureSite, ModuleCall, first_output
+from ..zoo.registry import ModelSpec
+from .protocols import DEFAULT_NUM_PROMPTS, Protocol, ProtocolError
 
-PROTOCOLS = ("project", "paper")
 #: the kinds the study measured (it also recorded text-stream K/V/A of joint attention, but analysed only these)
 PAPER_KINDS = ("k", "v", "a")
 #: the study's statistics use captions 0-9 of its caption file (``batchsize = 10`` in its analysis scripts)
 PAPER_NUM_PROMPTS = 10
 PAPER_PROMPTS = "coco1000"
-
-
-class ProtocolError(ValueError):
-    """A request the chosen protocol cannot serve (unknown protocol, a model the study did not measure...)."""
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol {protocol!r}; choose 'project' (this package's definitions, the "
-                            "default) or 'paper' (the redundancy study's, exactly)")
-    return protocol
 
 
 @dataclass(frozen=True)
@@ -308,5 +298,63 @@ def describe(family: str) -> dict[str, str]:
             "source": setup.source}
 
 
-__all__ = ["PAPER_KINDS", "PAPER_NUM_PROMPTS", "PAPER_PROMPTS", "PAPER_SETUPS", "PROTOCOLS", "PaperSetup",
-           "ProtocolError", "check_protocol", "describe", "paper_setup", "paper_sites", "paper_spec"]
+class PaperProtocol(Protocol):
+    """The redundancy study's protocol, exactly (:mod:`~pytest_ditredundancy.profiling.paper`)."""
+
+    name = "paper"
+    summary = "the redundancy study's, exactly"
+    default_batch_size = 1
+    batch_fixed = True
+    whole_batch = True
+    same_seed = True
+    runs_cache_gate = False
+    default_prompt_set = PAPER_PROMPTS
+
+    def spec(self, spec: ModelSpec) -> ModelSpec:
+        return paper_spec(spec)
+
+    def check_model(self, spec: ModelSpec) -> None:
+        paper_setup(spec.family, spec.name)
+
+    def selects(self, spec: ModelSpec) -> bool:
+        return spec.family in PAPER_SETUPS
+
+    def default_seed(self, spec: ModelSpec) -> int:
+        return paper_setup(spec.family, spec.name).seed
+
+    def seed_given(self, seed: int, given: bool) -> int | None:
+        return seed if given else None  # each model's study seed unless the user set one
+
+    def prompt_set(self, spec: ModelSpec) -> str:
+        return PAPER_PROMPTS  # the study's captions, whatever the model
+
+    def num_prompts(self, prompt_set: str) -> int:
+        return PAPER_NUM_PROMPTS if prompt_set == PAPER_PROMPTS else DEFAULT_NUM_PROMPTS
+
+    def batch_size(self, given: int | None) -> int:
+        if given not in (None, 1):
+            raise ProtocolError(f"protocol 'paper' runs one prompt per pipeline call, as the study did; got "
+                                f"batch_size={given}")
+        return 1
+
+    def kinds(self, kinds: Iterable[str]) -> tuple[str, ...]:
+        kept = tuple(k for k in kinds if k in PAPER_KINDS)
+        if not kept:
+            raise ProtocolError(f"protocol 'paper' measures kinds {', '.join(PAPER_KINDS)} only")
+        return kept
+
+    def sites(self, transformer: nn.Module, spec: ModelSpec, kinds: Sequence[str]) -> list[CaptureSite] | None:
+        return [site for site in paper_sites(transformer, spec.family) if site.kind in kinds]
+
+    def generator_device(self, execution_device: torch.device) -> torch.device:
+        return execution_device  # the study seeded a generator on the pipeline's device
+
+    def loop_run_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
+        return dict(paper_setup(spec.family, spec.name).run_kwargs)
+
+    def metadata(self, seed: int) -> dict[str, Any]:
+        return {"seed_rule": f"every prompt uses seed {seed}"}
+
+
+__all__ = ["PAPER_KINDS", "PAPER_NUM_PROMPTS", "PAPER_PROMPTS", "PAPER_SETUPS", "PaperProtocol", "PaperSetup",
+           "describe", "paper_setup", "paper_sites", "paper_spec"]

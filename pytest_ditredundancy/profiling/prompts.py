@@ -16,9 +16,12 @@ subset contains every smaller one) and the study's own choice (its statistics us
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 from pathlib import Path
+
+from ..io import FileReadError, json_lines, read_text
+
+_FIX = 'save it as UTF-8 text: one prompt per line, or one JSON object with a "prompt" field per line (.jsonl)'
 
 
 class PromptFileError(ValueError):
@@ -83,20 +86,13 @@ def load_prompts(path: str | Path) -> list[str]:
     (one JSON object per line with a ``prompt`` field)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise PromptFileError(f"prompt file {path} does not exist; pass a text file with one prompt per line") from None
-    except IsADirectoryError:
-        raise PromptFileError(f"prompt file {path} is a directory; pass a text or .jsonl file") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"prompt file {path} is not UTF-8 (bad byte at offset {exc.start}); "
-                              "re-save it as UTF-8") from None
-    if path.suffix.lower() == ".jsonl":
-        prompts = _jsonl_prompts(text, path)
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        text = read_text(path, "prompt file", fix=_FIX, path_fix="pass a text file with one prompt per line")
+        if path.suffix.lower() == ".jsonl":
+            prompts = _jsonl_prompts(text, path)
+        else:
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    except FileReadError as exc:
+        raise PromptFileError(str(exc)) from None
     if not prompts:
         raise PromptFileError(f"prompt file {path} has no prompts; add one prompt per line")
     return prompts
@@ -104,14 +100,8 @@ def load_prompts(path: str | Path) -> list[str]:
 
 def _jsonl_prompts(text: str, path: Path) -> list[str]:
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
+    for number, record in json_lines(text, path, "prompt file", fix=_FIX):
+        prompt = record.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptFileError(f'{path}:{number} has no non-empty "prompt" string field')
         prompts.append(prompt.strip())

@@ -9,70 +9,20 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..capture.adapters import DenoisingLoop, profile_loop
 from ..capture.hooks import capture_redundancy
-from .paper import PAPER_KINDS, PAPER_NUM_PROMPTS, PAPER_PROMPTS, ProtocolError, check_protocol, paper_setup, paper_sites, paper_spec
+from .protocol_registry import get_protocol
+from .protocols import Protocol
 from ..capture.profile import RedundancyProfile
-from .prompts import default_prompts, named_prompts, select_prompts
 from .schedulers import apply_scheduler, checkpoint_scheduler
+from .settings import RunRequest, RunSettings, resolve_run, settings_for
 from ..capture.sites import DEFAULT_KINDS
 from ..zoo.loading import load_model, resolve_device, resolve_spec, spec_of
 from ..zoo.registry import ModelSpec
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything that decides what a profile measures (the key of cached profiles and baselines)."""
-
-    steps: int
-    scheduler: str
-    seed: int
-    num_prompts: int
-    height: int | None
-    width: int | None
-    num_frames: int | None
-    guidance_scale: float | None
-    protocol: str = "project"
-
-    def key(self) -> str:
-        """A file-name-safe key, e.g. ``steps20-dpm-solver-seed0-p8-32x32`` (``paper-steps20-...`` for the
-        study's protocol, whose seed is the one every prompt uses)."""
-        size = f"{self.width}x{self.height}" if self.width and self.height else "default-size"
-        frames = f"-f{self.num_frames}" if self.num_frames else ""
-        guidance = f"-g{self.guidance_scale:g}" if self.guidance_scale is not None else ""
-        protocol = "" if self.protocol == "project" else f"{self.protocol}-"
-        return f"{protocol}steps{self.steps}-{self.scheduler}-seed{self.seed}-p{self.num_prompts}-{size}{frames}{guidance}"
-
-
-def protocol_spec(spec: ModelSpec, protocol: str) -> ModelSpec:
-    """The spec a protocol runs: unchanged for ``project``, the study's settings for ``paper``."""
-    return paper_spec(spec) if check_protocol(protocol) == "paper" else spec
-
-
-def default_seed(spec: ModelSpec, protocol: str) -> int:
-    """0 for the project's protocol (prompt ``i`` then uses ``i``); the study's seed of the family for ``paper``."""
-    return paper_setup(spec.family, spec.name).seed if protocol == "paper" else 0
-
-
-def settings_for(spec: ModelSpec, *, steps: int | None = None, scheduler: str | None = None, seed: int | None = 0,
-                 num_prompts: int = 8, height: int | None = None, width: int | None = None,
-                 num_frames: int | None = None, guidance_scale: float | None = None,
-                 protocol: str = "project") -> RunSettings:
-    spec = protocol_spec(spec, protocol)
-    steps = spec.steps if steps is None else int(steps)
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2 (a profile compares consecutive steps), got {steps}")
-    seed = default_seed(spec, protocol) if seed is None else int(seed)
-    return RunSettings(steps=steps, scheduler=scheduler or spec.scheduler, seed=seed, num_prompts=num_prompts,
-                       height=height or spec.height, width=width or spec.width,
-                       num_frames=num_frames or spec.num_frames,
-                       guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
-                       protocol=protocol)
 
 
 def class_labels_for(prompts: Sequence[str], pipe: Any) -> list[int]:
@@ -114,21 +64,22 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
                   height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0,
                   progress: Callable[[int, int, float], None] | None = None,
-                  protocol: str = "project") -> RedundancyProfile:
+                  protocol: str | Protocol = "project", prompt_set: str | None = None) -> RedundancyProfile:
     """Profile ``model`` (a name, HF id, directory, spec, an already loaded pipeline, or an adapter
     :class:`~pytest_ditredundancy.capture.adapters.DenoisingLoop`).
 
     ``protocol="project"`` (default): every attention layer, each CFG half its own branch, prompt ``i`` seeded
     ``seed + prompt_offset + i`` (``seed`` 0 by default; it also seeds a tiny model's weights), so the profile
     of a prompt does not depend on its batch or shard; ``batch_size`` prompts per call (8); 8 prompts of the
-    shipped set by default.
+    model's prompt set by default (the shipped set; ``shapes`` for the trained models; ``prompt_set=`` names
+    another).
 
-    ``protocol="paper"``: the redundancy study exactly (:mod:`pytest_ditredundancy.profiling.paper`; one of its seven
-    model families): its steps, guidance and scheduler; its self-attention layers and K/V/A tensors; every
-    prompt seeded with the same ``seed`` (the study's, e.g. 42, by default; given, it also seeds a tiny model's
-    weights), one prompt per call, each measured over the whole batch (branch ``batch``); the first 10 of
-    its ``coco1000`` captions by default. The protocol is recorded in ``profile.metadata.protocol`` and in the
-    settings key.
+    ``protocol="paper"``: the redundancy study exactly (:mod:`pytest_ditredundancy.profiling.paper`; one of its
+    seven model families): its steps, guidance and scheduler; its self-attention layers and K/V/A tensors;
+    every prompt seeded with the same ``seed`` (the study's, e.g. 42, by default; given, it also seeds a tiny
+    model's weights), one prompt per call, each measured over the whole batch (branch ``batch``); the first 10
+    of its ``coco1000`` captions by default. The protocol is recorded in ``profile.metadata.protocol`` and in
+    the settings key.
 
     ``progress(done, total, steps_per_second)`` is called after each batch.
 
@@ -137,61 +88,48 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
         profile = profile_model("tiny-sd3-medium", prompts=["a red bus"], steps=28, scheduler="flow-euler")
         study = profile_model("tiny-pixart-alpha", protocol="paper")   # 10 COCO captions, seed 42, 20 steps
     """
-    check_protocol(protocol)
-    paper = protocol == "paper"
+    chosen = get_protocol(protocol)
     if isinstance(model, (str, ModelSpec)) or hasattr(model, "__fspath__"):
-        spec = protocol_spec(resolve_spec(model), protocol)
-        pipe = load_model(spec, device=device, dtype=dtype, seed=0 if seed is None else seed)
+        spec = resolve_spec(model)
+        chosen.check_model(spec)
+        pipe = load_model(chosen.spec(spec), device=device, dtype=dtype, seed=0 if seed is None else seed)
     else:
         pipe = model
-        spec = protocol_spec(spec_of(pipe) or _spec_name_for(pipe), protocol)
-    if paper and batch_size not in (None, 1):
-        raise ProtocolError(f"protocol 'paper' runs one prompt per pipeline call, as the study did; got "
-                            f"batch_size={batch_size}")
-    batch_size = (1 if paper else 8) if batch_size is None else batch_size
-    if prompts is not None:
-        chosen = list(prompts)
-    else:
-        chosen = named_prompts(PAPER_PROMPTS) if paper else default_prompts()
-    default_count = (PAPER_NUM_PROMPTS if paper else 8) if prompts is None else None
-    chosen = select_prompts(chosen, num_prompts if num_prompts is not None else default_count)
-    if any(not isinstance(p, str) or not p.strip() for p in chosen) or not chosen:
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
-    settings = settings_for(spec, steps=steps, scheduler=scheduler, seed=seed, num_prompts=len(chosen),
-                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
-                            protocol=protocol)
-    seed = settings.seed
-    extra = {"settings_key": settings.key(), "scheduler_alias": settings.scheduler, "batch_size": batch_size,
-             "prompt_offset": prompt_offset, "family": spec.family}
-    sites = None
-    if paper:
-        kinds = [k for k in kinds if k in PAPER_KINDS]
-        if not kinds:
-            raise ProtocolError(f"protocol 'paper' measures kinds {', '.join(PAPER_KINDS)} only")
-        transformer = pipe.transformer
-        sites = [site for site in paper_sites(transformer, spec.family) if site.kind in kinds]
-        extra["seed_rule"] = f"every prompt uses seed {seed}"
+        spec = spec_of(pipe) or _spec_name_for(pipe)
+    request = resolve_run(spec, protocol=chosen, prompts=prompts, prompt_set=prompt_set, num_prompts=num_prompts,
+                          steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size, height=height,
+                          width=width, num_frames=num_frames, guidance_scale=guidance_scale, kinds=kinds,
+                          prompt_offset=prompt_offset)
+    return run_profile(pipe, request, progress=progress)
+
+
+def run_profile(pipe: Any, request: RunRequest, *,
+                progress: Callable[[int, int, float], None] | None = None) -> RedundancyProfile:
+    """Profile ``request`` on an already loaded pipeline (or adapter loop): the one path every profile takes."""
+    spec, settings, protocol = request.spec, request.settings, request.protocol
+    extra = {"settings_key": settings.key(), "scheduler_alias": settings.scheduler, "batch_size": request.batch_size,
+             "prompt_offset": request.prompt_offset, "family": spec.family, **protocol.metadata(settings.seed)}
+    sites = protocol.sites(pipe.transformer, spec, request.kinds)
     if isinstance(pipe, DenoisingLoop):  # not a diffusers pipeline: it brings its own sampler and step boundaries
-        return _profile_denoising_loop(pipe, spec, settings, chosen, scheduler=scheduler, batch_size=batch_size,
-                                       kinds=kinds, prompt_offset=prompt_offset, progress=progress, sites=sites,
-                                       extra=extra)
-    apply_scheduler(pipe, scheduler)  # a fresh scheduler every run: no state leaks between profiles
+        return _profile_denoising_loop(pipe, request, progress=progress, sites=sites, extra=extra)
+    apply_scheduler(pipe, settings.scheduler)  # a fresh scheduler every run: no state leaks between profiles
     started, done = time.perf_counter(), 0
     layout = "single" if settings.guidance_scale is not None and settings.guidance_scale <= 1 else spec.branch_layout
-    device_of_noise = _execution_device(pipe) if paper else "cpu"
-    with capture_redundancy(pipe, kinds=kinds, sites=sites, branch_layout=layout, whole_batch=paper) as cap:
-        for start, batch in batched(chosen, batch_size):
-            generators = [torch.Generator(device_of_noise).manual_seed(seed if paper else seed + prompt_offset + start + i)
-                          for i in range(len(batch))]
+    noise_device = protocol.generator_device(_execution_device(pipe))
+    prompts = request.prompts
+    with capture_redundancy(pipe, kinds=request.kinds, sites=sites, branch_layout=layout,
+                            whole_batch=protocol.whole_batch) as cap:
+        for start, batch in batched(prompts, request.batch_size):
+            generators = [torch.Generator(noise_device).manual_seed(seed) for seed in request.seeds(start, len(batch))]
             pipe(**call_kwargs(spec, settings, batch, pipe, generators))
             done += len(batch)
             if progress is not None:
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                progress(done, len(chosen), done * settings.steps / elapsed)
+                progress(done, len(prompts), done * settings.steps / elapsed)
     return cap.profile(
-        model=spec.name, model_id=spec.checkpoint, seed=seed, height=settings.height, width=settings.width,
-        num_frames=settings.num_frames, guidance_scale=settings.guidance_scale, prompts=list(chosen),
-        protocol=protocol, extra={**extra, "checkpoint_scheduler": checkpoint_scheduler(pipe)},
+        model=spec.name, model_id=spec.checkpoint, seed=settings.seed, height=settings.height, width=settings.width,
+        num_frames=settings.num_frames, guidance_scale=settings.guidance_scale, prompts=list(prompts),
+        protocol=protocol.name, extra={**extra, "checkpoint_scheduler": checkpoint_scheduler(pipe)},
     )
 
 
@@ -201,26 +139,25 @@ def _execution_device(pipe: Any) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def _profile_denoising_loop(loop: DenoisingLoop, spec: ModelSpec, settings: RunSettings, prompts: list[str], *,
-                            scheduler: str | None, batch_size: int, kinds: Iterable[str], prompt_offset: int,
+def _profile_denoising_loop(loop: DenoisingLoop, request: RunRequest, *,
                             progress: Callable[[int, int, float], None] | None, sites: Any,
                             extra: dict[str, Any]) -> RedundancyProfile:
-    """``profile_model`` for an adapter loop (:mod:`pytest_ditredundancy.capture.adapters`): same settings, same metadata."""
-    if scheduler not in (None, "default", spec.scheduler):
+    """``run_profile`` for an adapter loop (:mod:`pytest_ditredundancy.capture.adapters`): same settings, same
+    metadata."""
+    spec, settings, protocol = request.spec, request.settings, request.protocol
+    if settings.scheduler not in ("default", spec.scheduler):
         raise ValueError(f"{spec.name} samples with its own loop ({spec.scheduler}); it cannot switch to scheduler "
-                         f"{scheduler!r}")
-    paper = settings.protocol == "paper"
+                         f"{settings.scheduler!r}")
     sizes = {"height": settings.height, "width": settings.width, "num_frames": settings.num_frames}
-    run_kwargs = {k: v for k, v in sizes.items() if v}
-    if paper:
-        run_kwargs.update(paper_setup(spec.family, spec.name).run_kwargs)
+    run_kwargs = {**{k: v for k, v in sizes.items() if v}, **protocol.loop_run_kwargs(spec)}
     device = getattr(loop, "device", None)
     return profile_loop(
-        loop, prompts, steps=settings.steps, seed=settings.seed, batch_size=batch_size,
-        guidance_scale=settings.guidance_scale, kinds=kinds, model_name=spec.name, progress=progress,
-        prompt_offset=prompt_offset, run_kwargs=run_kwargs, model_id=spec.checkpoint, sites=sites,
-        same_seed=paper, whole_batch=paper, generator_device=device if paper and device is not None else "cpu",
-        protocol=settings.protocol, **sizes, extra=extra,
+        loop, list(request.prompts), steps=settings.steps, seed=settings.seed, batch_size=request.batch_size,
+        guidance_scale=settings.guidance_scale, kinds=request.kinds, model_name=spec.name, progress=progress,
+        prompt_offset=request.prompt_offset, run_kwargs=run_kwargs, model_id=spec.checkpoint, sites=sites,
+        same_seed=protocol.same_seed, whole_batch=protocol.whole_batch,
+        generator_device=protocol.generator_device(torch.device(device)) if device is not None else "cpu",
+        protocol=protocol.name, **sizes, extra=extra,
     )
 
 
@@ -231,4 +168,4 @@ def _spec_name_for(pipe: Any) -> ModelSpec:
     return _spec_for_checkpoint(str(name_or_path), str(name_or_path).rstrip("/").split("/")[-1], type(pipe).__name__)
 
 
-__all__ = ["RunSettings", "profile_model", "settings_for", "resolve_device"]
+__all__ = ["RunRequest", "RunSettings", "profile_model", "resolve_device", "run_profile", "settings_for"]

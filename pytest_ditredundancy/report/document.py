@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from ..plugin.checks import PAPER_CV_RANGE
+from ..judging.verdicts import PAPER_CV_RANGE
 from ..capture.environment import versions
 from ..io import atomic_write_text, plain
-from ..plugin.options import DitConfig
 
 SCHEMA = "pytest-ditredundancy/report"
 SCHEMA_VERSION = 1
@@ -37,8 +36,9 @@ def jsonable(value: Any) -> Any:
     return plain(value, lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
 
 
-def config_dict(cfg: DitConfig, models: list[str]) -> dict[str, Any]:
-    """Every setting of the run (enough for ``merge`` to rebuild the session), models resolved."""
+def config_dict(cfg: Any, models: list[str]) -> dict[str, Any]:
+    """Every setting of the run (the plugin's ``DitConfig``: enough for ``merge`` to rebuild the session), models
+    resolved."""
     out = {f.name: jsonable(getattr(cfg, f.name)) for f in fields(cfg)}
     out["models"] = list(models)
     out["prompt_digest"] = cfg.prompt_digest

@@ -51,6 +51,9 @@ class ModelSpec:
     in_paper: bool = False
     description: str = ""
     trained: bool = False  # weights trained on the procedural shapes data, shipped in the package (no tiny twin)
+    #: the named prompt set it runs unless told otherwise (None: the shipped set); the trained models know only
+    #: the captions of their data (``shapes``)
+    prompt_set: str | None = None
 
     def __post_init__(self) -> None:
         if self.branch_layout not in BRANCH_LAYOUTS:
@@ -104,8 +107,6 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from . import catalog  # noqa: F401  (registers the built-in zoo)
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         provider = ep.load()
         specs = provider() if callable(provider) else provider

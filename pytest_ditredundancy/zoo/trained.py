@@ -2,7 +2,7 @@
 
 Unlike the ``tiny-*`` twins they are not built from a seed: their weights are loaded with the pipeline's own
 ``from_pretrained`` from ``pytest_ditredundancy/weights/<name>`` (offline). Prompts should be the dataset's
-captions (``pytest_ditredundancy.training.shapes.all_captions()``); anything else is outside what they learnt.
+captions (the ``shapes`` prompt set, their default); anything else is outside what they learnt.
 See README, "Trained models".
 """
 
@@ -37,7 +37,8 @@ _SD3 = {"max_sequence_length": 16}
 def trained_specs() -> list[ModelSpec]:
     pixart = dict(family="pixart-alpha", pipeline_class="PixArtAlphaPipeline", steps=20, height=32, width=32,
                   guidance_scale=4.5, scheduler="dpm-solver", dtype="float32", prediction="v_prediction",
-                  branch_layout="batched-uncond-cond", call_kwargs=_PIXART, trained=True)
+                  branch_layout="batched-uncond-cond", call_kwargs=_PIXART, trained=True,
+                  prompt_set="shapes")
     return [
         ModelSpec("trained-pixart", checkpoint=PACKAGE_PREFIX + "trained-pixart", **pixart,
                   description="PixArt-alpha class trained on procedural shapes (CPU, shipped weights)"),
@@ -46,6 +47,6 @@ def trained_specs() -> list[ModelSpec]:
                               "more red)"),
         ModelSpec("trained-sd3", family="sd3", pipeline_class="StableDiffusion3Pipeline",
                   checkpoint=PACKAGE_PREFIX + "trained-sd3", steps=28, height=32, width=32, guidance_scale=7.0,
-                  scheduler="flow-euler", dtype="float32", branch_layout="batched-uncond-cond", call_kwargs=_SD3, trained=True,
+                  scheduler="flow-euler", dtype="float32", branch_layout="batched-uncond-cond", call_kwargs=_SD3, trained=True, prompt_set="shapes",
                   description="SD3 class (MMDiT, flow matching) trained on procedural shapes (CPU, shipped weights)"),
     ]
