@@ -1,6 +1,6 @@
-"""``python -m pytest_ditredundancy merge shard-*.json --report index.html [--json merged.json] [--profiles-dir DIR]``
-, ``python -m pytest_ditredundancy plan --dit-model=NAME [--gpu-memory=80GB]`` (see README, "Capture plan")
-and ``python -m pytest_ditredundancy options [--markdown]`` (the plugin's options; ``--markdown``: docs/options.md).
+"""``python -m pytest_ditredundancy merge shard-*.json --report index.html [--json merged.json] [--profiles-dir DIR]``,
+``python -m pytest_ditredundancy plan --dit-model=NAME [--gpu-memory=80GB]`` (see docs/capture-plan.md) and
+``python -m pytest_ditredundancy options [--markdown]`` (the plugin's options; ``--markdown``: docs/options.md).
 
 Exit status: 0 when every merged suite passed and no test is missing, 1 when something failed or is
 missing, 2 when the shards cannot be merged (the message says why).

@@ -3,7 +3,7 @@
 Pooling nested budgets (cheapest-first and costliest-first) correlates the predicted with the measured error
 through the budget size alone, ~0.5 for any profile; single-cell probes do not. (On random-weight models the
 real profile scores near 0 too: their redundancy does not predict the error of reusing a cell; the trained
-models' premise is measured by the cache gate on them (README, "The cache gate on the trained models").)
+models' premise is measured by the cache gate on them (docs/trained-models.md, "The cache gate on the trained models").)
 """
 
 from __future__ import annotations

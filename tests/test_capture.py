@@ -97,7 +97,7 @@ def test_streamed_values_equal_brute_force(family):
 
 
 #: Lumina2 packs text and image tokens to the longest sequence in the batch, and the padding positions are part
-#: of its K/V/A tensors (README, "Known limitations"): batch invariance holds for prompts of equal length.
+#: of its K/V/A tensors (docs/development.md, "Known limitations"): batch invariance holds for prompts of equal length.
 EQUAL_LENGTH_PROMPTS = ["a red bus on a bridge", "a cat on a green sofa"]
 
 

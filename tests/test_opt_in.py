@@ -65,7 +65,7 @@ def test_an_unrelated_project_runs_as_if_the_plugin_were_not_installed(unrelated
     assert with_plugin.returncode == 0, with_plugin.stdout + with_plugin.stderr
     state = json.loads((unrelated / "state-main.json").read_text())
     assert not state["torch"]  # nothing imported torch
-    light = {f"pytest_ditredundancy{name}" for name in ("", ".io", ".plugin", ".plugin.options", ".plugin.relay",
+    light = {f"pytest_ditredundancy{name}" for name in ("", ".io", ".plugin", ".plugin.declared", ".plugin.options", ".plugin.relay",
                                                         ".profiling", ".profiling.prompts", ".profiling.schedulers",
                                                         ".judging", ".judging.tolerances")}
     assert set(state["ours"]) <= light, state["ours"]  # the plugin module and its option table's light helpers

@@ -1,4 +1,4 @@
-"""Options are declared once (plugin/options.py): the option group, the ini twins, the ``--no-`` forms, the typed
+"""Options are declared once (plugin/options.py, with plugin/declared.py): the option group, the ini twins, the ``--no-`` forms, the typed
 configs and the options reference docs/options.md all come from the declarations."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ditredundancy.plugin.options import (OPTIONS, TOLERANCES, CacheOptions, DitConfig, declarations,
-                                                 options_markdown, read_options)
+from pytest_ditredundancy.plugin.declared import declarations, read_options
+from pytest_ditredundancy.plugin.options import OPTIONS, TOLERANCES, CacheOptions, DitConfig, options_markdown
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 REGENERATE = "python -m pytest_ditredundancy options --markdown > docs/options.md"

@@ -41,7 +41,7 @@ def test_loads_offline_and_runs_its_real_call(name, trained, monkeypatch):
 
 #: What 24 samples at the registered settings must reach: the 90% adherence target on every attribute (chance:
 #: shape 1/3, colour 1/4, size 1/2, position 1/5, background 1/3). Measured on 120 samples: 96-99% shape, 100%
-#: on the rest (README, "Trained models"); these 24 score 100%.
+#: on the rest (docs/trained-models.md); these 24 score 100%.
 BARS = {"shape": 0.9, "colour": 0.9, "size": 0.9, "position": 0.9, "background": 0.9}
 
 

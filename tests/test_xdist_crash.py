@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("xdist")
 
 from pytest_ditredundancy.plugin.xdist import scheduler_class  # noqa: E402
+from xdist.remote import Producer  # noqa: E402
 
 #: a hang shows as a timeout instead of a stuck test run; a healthy run takes well under a minute
 BOUND_S = 240
@@ -79,7 +80,7 @@ class _Node:
 def _scheduler(collection: list[str], numnodes: int = 1):
     config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=False),
                              getvalue=lambda name: {"tx": [f"{numnodes}*popen"]}[name])
-    sched = scheduler_class("loadgroup")(config)
+    sched = scheduler_class("loadgroup")(config, Producer("sched", enabled=False))
     nodes = [_Node(f"gw{i}") for i in range(numnodes)]
     for node in nodes:
         sched.add_node(node)
@@ -91,18 +92,24 @@ def _scheduler(collection: list[str], numnodes: int = 1):
 def test_the_crashed_test_is_not_rerun_and_the_replacement_gets_the_rest_of_its_group():
     tests = [f"t.py::test_{i}@g" for i in range(4)] + ["t.py::test_x@h"]
     sched, (gw0,) = _scheduler(tests)
-    assert gw0.sent == [0, 1, 2, 3, 4] and gw0.shutting_down
+    assert gw0.sent == [0, 1, 2, 3]  # group g; group h waits in the queue
     sched.mark_test_complete(gw0, 0)
     assert sched.remove_node(gw0) == tests[1]  # gw0 died running test_1
-    gw1 = _Node("gw1")
-    sched.add_node(gw1)
-    sched.add_node_collection(gw1, tests)
-    sched.schedule()
-    assert gw1.sent == [2, 3, 4]  # not test_0 (done) nor test_1 (crashed); h's unit had not run either
-    assert gw1.shutting_down  # nothing else queued: the worker runs its last test instead of waiting for more
-    for index in gw1.sent:
+    gw1 = _replacement(sched, tests)
+    assert gw1.sent == [4, 2, 3]  # h, then what is left of g: not test_0 (done) nor test_1 (crashed)
+    sched.mark_test_complete(gw1, 4)
+    assert gw1.shutting_down  # nothing left to send: it runs test_3 instead of waiting for a next item
+    for index in (2, 3):
         sched.mark_test_complete(gw1, index)
     assert sched.tests_finished
+
+
+def _replacement(sched, tests: list[str]) -> _Node:
+    node = _Node("gw1")
+    sched.add_node(node)
+    sched.add_node_collection(node, tests)
+    sched.schedule()
+    return node
 
 
 def test_a_replacement_given_one_test_is_told_to_finish():
@@ -110,10 +117,7 @@ def test_a_replacement_given_one_test_is_told_to_finish():
     sched, (gw0,) = _scheduler(tests)
     sched.mark_test_complete(gw0, 0)
     sched.remove_node(gw0)
-    gw1 = _Node("gw1")
-    sched.add_node(gw1)
-    sched.add_node_collection(gw1, tests)
-    sched.schedule()
+    gw1 = _replacement(sched, tests)
     assert gw1.sent == [2] and gw1.shutting_down  # xdist 3.8 sent test_b without a next item: a hang
 
 

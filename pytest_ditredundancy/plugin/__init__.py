@@ -304,7 +304,7 @@ def dit_cache(request: pytest.FixtureRequest) -> "CacheSpec":
 @pytest.fixture
 def dit_cache_check(request: pytest.FixtureRequest, dit_session: "DitSession", dit_model: "ModelSpec",
                     dit_cache: "CacheSpec") -> "CacheCheck":
-    """The cache gate for ``dit_model`` x ``dit_cache`` (see the README section Cache gate)::
+    """The cache gate for ``dit_model`` x ``dit_cache`` (see docs/cache-gate.md)::
 
         def test_cache_gate(dit_cache_check):
             dit_cache_check.gate()

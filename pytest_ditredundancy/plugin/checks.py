@@ -17,8 +17,6 @@ import pytest
 from ..judging.baselines import Baseline
 from ..judging.suites import (PAPER_CV_RANGE, DitBaselineWarning, DitClaimWarning, SuiteFailed, SuiteJudge,
                               SuiteSkipped, Verdict, judge_distinctness)
-from ..judging.tolerances import Tolerance
-from ..profiling.settings import RunRequest, RunSettings
 from ..zoo.registry import ModelSpec
 from .relay import emit
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
@@ -77,24 +75,14 @@ class SuiteCheck:
         return conclude(self.item, self.judge.run("baseline_regression", metric))
 
     # -- plumbing other checks share (the cache gate) -------------------------------------------------------
-    @property
-    def request(self) -> RunRequest:
-        return self.judge.request
+    #: read-only facts of the run, answered by the judge: ``request``, ``settings``, ``key``, ``baseline_name``
+    #: and ``tolerance(baseline)``
+    SHARED = frozenset({"request", "settings", "key", "baseline_name", "tolerance"})
 
-    @property
-    def settings(self) -> RunSettings:
-        return self.judge.settings
-
-    @property
-    def key(self) -> str:
-        return self.judge.key
-
-    @property
-    def baseline_name(self) -> str:
-        return self.judge.baseline_name
-
-    def tolerance(self, baseline: Baseline | None) -> Tolerance:
-        return self.judge.tolerance(baseline)
+    def __getattr__(self, name: str) -> Any:
+        if name in SuiteCheck.SHARED:
+            return getattr(self.judge, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def profile(self, **overrides: Any) -> Any:
         """The session's profile; a non-finite one fails the test (naming where NaN first appeared)."""

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from .declared import Option, Step, build, declarations, option, reference_markdown, reference_table
 
 if TYPE_CHECKING:
     from ..cache.spec import CacheSpec
@@ -34,163 +36,6 @@ DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16"
           "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: the valid values of --dit-tolerance (judging.tolerances.LEVELS; a test keeps the two in step)
 TOLERANCES = ("default", "strict")
-
-#: kind -> (how a text becomes a value, what the option expects in a usage error: one value, several)
-_PARSERS: dict[Any, tuple[Callable[[str], Any], str, str]] = {
-    str: (str, "text", "texts"),
-    int: (int, "a whole number", "whole numbers"),
-    float: (float, "a number", "numbers"),
-    Path: (lambda text: Path(text).expanduser(), "a path", "paths"),
-}
-_KIND_NAMES = {str: "text", int: "integer", float: "number", bool: "flag", Path: "path"}
-_METADATA_KEY = "option"
-ConfigT = TypeVar("ConfigT")
-#: a step of reading a config: the values read so far -> the values it checks, derives or replaces
-Step = Callable[[pytest.Config, dict[str, Any]], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting: a command-line option with its ini twin. ``kind`` is ``str``, ``int``, ``float``, ``bool``,
-    ``Path``, or ``list[...]`` of one of those (repeatable, comma lists allowed); ``default`` is the value when
-    neither the command line nor the ini file gives one (``None``: unset, the help says what that means);
-    ``choices`` are the valid values where they are a fixed set, ``valid`` says them in words where not."""
-
-    flag: str
-    ini: str
-    kind: Any
-    default: Any
-    help: str
-    choices: tuple[str, ...] = ()
-    valid: str = ""
-
-    @property
-    def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
-
-    @property
-    def negation(self) -> str | None:
-        """The ``--no-`` form of a boolean flag."""
-        return f"--no-{self.flag[2:]}" if self.kind is bool else None
-
-    @property
-    def repeatable(self) -> bool:
-        return get_origin(self.kind) is list
-
-    @property
-    def item_kind(self) -> Any:
-        return get_args(self.kind)[0] if self.repeatable else self.kind
-
-    @property
-    def kind_name(self) -> str:
-        name = _KIND_NAMES[self.item_kind]
-        return f"list of {name}" if self.repeatable else name
-
-    def register(self, group: pytest.OptionGroup, parser: pytest.Parser) -> None:
-        """Add the option (and its ``--no-`` form) to ``group`` and its ini twin to ``parser``. Defaults are
-        None on both sides, so :meth:`given` can tell a value the user gave (even the default value) from none;
-        :meth:`read` supplies the default."""
-        if self.kind is bool:
-            group.addoption(self.flag, action="store_true", default=None, dest=self.dest, help=self.help)
-            group.addoption(self.negation, action="store_false", default=None, dest=self.dest,
-                            help=f"turn {self.flag} off (when the ini file turns it on)")
-            parser.addini(self.ini, self.help, type="bool", default=None)
-        elif self.repeatable:
-            group.addoption(self.flag, action="append", default=None, dest=self.dest, metavar="VALUE", help=self.help)
-            parser.addini(self.ini, self.help, type="args", default=None)
-        else:
-            group.addoption(self.flag, action="store", default=None, dest=self.dest,
-                            metavar=self.item_kind.__name__.upper(), help=self.help)
-            parser.addini(self.ini, self.help, default=None)
-
-    def on_command_line(self, config: pytest.Config) -> bool:
-        return config.getoption(self.dest, None) is not None
-
-    def given(self, config: pytest.Config) -> bool:
-        """Whether the run gives this option (on the command line or in the ini file), whatever its value."""
-        return self.on_command_line(config) or config.getini(self.ini) is not None
-
-    def read(self, config: pytest.Config) -> Any:
-        """The value: the command line's, else the ini file's, else :attr:`default`. A given value that is
-        empty, does not parse or is not one of :attr:`choices` is a usage error naming the option."""
-        value, where = config.getoption(self.dest), self.flag
-        if value is None:
-            value, where = config.getini(self.ini), f"{self.ini} (ini)"
-            if value is None:
-                return self.default
-        if self.kind is bool:
-            return bool(value)
-        texts = _split(value if isinstance(value, list) else [value]) if self.repeatable else [str(value)]
-        if not any(text.strip() for text in texts):
-            raise pytest.UsageError(f"{where} is empty (an unset variable?): give a value, or leave the option out "
-                                    f"for its default{_default_text(self.default)}")
-        parse, one, several = _PARSERS[self.item_kind]
-        try:
-            values = [parse(text) for text in texts]
-        except (TypeError, ValueError):
-            if self.repeatable:
-                raise pytest.UsageError(f"{where} expects {several} separated by commas, "
-                                        f"got {','.join(texts)!r}") from None
-            raise pytest.UsageError(f"{where} expects {one}, got {value!r}") from None
-        unknown = [text for text in texts if self.choices and text not in self.choices]
-        if unknown:  # e.g. "--dit-dtype=int8 is not a dtype the plugin runs"
-            raise pytest.UsageError(f"{self.flag}={unknown[0]} is not a {self.flag[6:].replace('-', ' ')} the "
-                                    f"plugin runs; valid values: {', '.join(self.choices)}")
-        return tuple(values) if self.repeatable else values[0]
-
-    def as_typed(self, config: pytest.Config) -> dict[str, str | None]:
-        """The option as the command line gave it ({flag: value}; a boolean flag: {flag or --no- form: None}),
-        for the commands messages suggest; empty when only the ini file (or nothing) gives it."""
-        raw = config.getoption(self.dest)
-        if raw is None or raw == []:
-            return {}
-        if self.kind is bool:
-            return {self.flag if raw else str(self.negation): None}
-        return {self.flag: ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)}
-
-
-def option(flag: str, *, ini: str, kind: Any, default: Any, help: str, choices: tuple[str, ...] = (),
-           valid: str = "", required: bool = False) -> Any:
-    """A config field that is an option (see :class:`Option`); the field's default is the option's, unless
-    ``required`` (a field whose value a step of reading always derives, so a default would only mislead)."""
-    declared = Option(flag=flag, ini=ini, kind=kind, default=default, help=help, choices=choices, valid=valid)
-    return field(default=MISSING if required else default, metadata={_METADATA_KEY: declared})
-
-
-def declarations(config_class: type) -> dict[str, Option]:
-    """Field name -> option, for the option fields of a typed config, in declaration order."""
-    return {f.name: f.metadata[_METADATA_KEY] for f in fields(config_class) if _METADATA_KEY in f.metadata}
-
-
-def read_options(config: pytest.Config, config_class: type) -> dict[str, Any]:
-    """Field name -> value, for every option field of ``config_class`` (see :meth:`Option.read`)."""
-    return {name: declared.read(config) for name, declared in declarations(config_class).items()}
-
-
-def build(config: pytest.Config, config_class: type[ConfigT], steps: Sequence[Step]) -> ConfigT:
-    """``config_class`` from the options as read, each step checking, deriving or replacing some values."""
-    values = read_options(config, config_class)
-    for step in steps:
-        values.update(step(config, values))
-    return config_class(**values)
-
-
-def _split(values: list[str]) -> list[str]:
-    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
-
-
-def _default_text(default: Any) -> str:
-    if default is None or default == "" or default == ():
-        return ""
-    return f" ({_value_text(default)})"
-
-
-def _value_text(value: Any) -> str:
-    """A value as a user would give it (``0.5,2.0``, ``false``)."""
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
 
 @dataclass(frozen=True, kw_only=True)
 class DitConfig:
@@ -216,14 +61,15 @@ class DitConfig:
     #: the prompt set: "" (the shipped set), a named set or a file
     prompt_source: str = option(
         "--dit-prompts", ini="dit_prompts", kind=str, default="",
-        help="prompt set: a named set (coco1000: the study's 1000 MS-COCO captions; default) or a file, one "
-             "prompt per line or .jsonl with a 'prompt' field (default: the 72 shipped prompts; coco1000 with "
+        help="prompt set: a named set (coco1000: the study's 1000 MS-COCO captions; shapes: the trained models' "
+             "captions; default) or a file, one prompt per line or .jsonl with a 'prompt' field (default: each "
+             "model's own set: the 72 shipped prompts, shapes for the trained models, coco1000 with "
              "--dit-protocol=paper)")
     prompts: tuple[str, ...]
     #: len(prompts): the first N of the set
     num_prompts: int = option(
         "--dit-num-prompts", ini="dit_num_prompts", kind=int, default=None, required=True,
-        help="how many prompts to profile per model, the first N of the set (default: 8 of the shipped set, 10 "
+        help="how many prompts to profile per model, the first N of the set (default: 8 of a named set, 10 "
              "of coco1000 with --dit-protocol=paper, or every prompt of a --dit-prompts file)")
     steps: int | None = option(
         "--dit-steps", ini="dit_steps", kind=int, default=None,
@@ -533,34 +379,11 @@ def _check_device(text: str) -> str:
 
 
 # -- the options reference (docs/options.md) -------------------------------------------------------------------
-MARKDOWN_INTRO = """\
-# Options
-
-<!-- Generated from the option declarations in pytest_ditredundancy/plugin/options.py; do not edit by hand.
-     Regenerate: python -m pytest_ditredundancy options --markdown > docs/options.md -->
-
-Every option of the `ditredundancy` group (`pytest --help`) has an ini twin (`[pytest]` or
-`[tool.pytest.ini_options]`); the command line wins over the ini file. A boolean flag also has a `--no-` form
-that turns an ini `true` off. A list option can be repeated and takes comma lists (in the ini file: values
-separated by spaces or commas). A value given is a value used, or a usage error (exit 4) that names the option:
-an empty value (an unset variable) never means the default. Giving any option or ini key turns the plugin on.
-"""
-
-
 def options_table() -> list[list[str]]:
     """One row per option: option (and its ``--no-`` form), ini key, type, default, valid values, help."""
-    rows = [["option", "ini key", "type", "default", "valid values", "help"]]
-    for declared in OPTIONS:
-        names = " / ".join(f"`{name}`" for name in (declared.flag, declared.negation) if name)
-        default = "" if declared.default in (None, "", ()) else f"`{_value_text(declared.default)}`"
-        valid = ", ".join(f"`{choice}`" for choice in declared.choices) or declared.valid
-        rows.append([names, f"`{declared.ini}`", declared.kind_name, default, valid, declared.help])
-    return rows
+    return reference_table(OPTIONS)
 
 
 def options_markdown() -> str:
     """The text of ``docs/options.md``."""
-    rows = [[cell.replace("|", "\\|") for cell in row] for row in options_table()]
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    lines.insert(1, "|" + "---|" * len(rows[0]))
-    return MARKDOWN_INTRO + "\n" + "\n".join(lines) + "\n"
+    return reference_markdown(OPTIONS)

@@ -6,12 +6,17 @@ so the replacement of a crashed worker gets a free GPU rather than one derived f
 ``-n auto`` starts one worker per visible GPU when CUDA is available. When only the collected tests turn the
 plugin on (``pytest suites -n 2``), the controller has not looked at GPUs: each worker then takes GPU
 ``N mod count`` itself, and ``-n auto`` is xdist's own default. Test data travels in ``relay``.
+
+A crashed worker must not stop the run: under ``--dist loadgroup`` (and ``loadscope``/``loadfile``) the
+controller schedules with ``RecoversFromCrashes``, and a SIGTERM to the controller ends the run like Ctrl-C, so
+the report is still written.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -98,6 +103,77 @@ class XdistHooks:
         collector = self.config.pluginmanager.get_plugin("ditredundancy-report")
         if collector is not None:
             collector.add_collected(list(ids))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        scheduler = scheduler_class(config.getvalue("dist"))
+        return None if scheduler is None else scheduler(config, log)  # None: xdist's own
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if is_controller(self.config):
+            self.previous_sigterm = _on_sigterm(_terminate)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        previous = getattr(self, "previous_sigterm", None)
+        if previous is not None:
+            self.previous_sigterm = None
+            _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout or cancel) on the controller: pytest ends the run as on Ctrl-C, so the workers are
+    stopped and the report is written with the tests that did not finish."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated("SIGTERM: run stopped; the report lists the tests that did not finish")
+
+
+def _on_sigterm(handler: Any) -> Any:
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (pytest run inside another program): leave signals alone
+        return None
+
+
+class RecoversFromCrashes:
+    """Crash handling for xdist's scope schedulers (``loadgroup``, ``loadscope``, ``loadfile``), which in
+    pytest-xdist 3.8 hang or crash-loop when a worker dies (pytest-xdist #1323, #1327, #1371): the test the
+    worker died on is not run again (xdist has reported it failed; a second run kills the replacement too),
+    only work units with tests left go back on the queue (an empty one leaves a worker waiting forever), and a
+    worker that joins after the first distribution gets a next item or is told to finish (a worker runs a test
+    only once it knows what comes after it)."""
+
+    def remove_node(self, node: Any) -> str | None:
+        workload = self.assigned_work.pop(node)
+        left = [(scope, nodeid) for scope, unit in workload.items() for nodeid, done in unit.items() if not done]
+        if not left:
+            return None
+        scope, crashitem = left[0]  # a worker runs its tests in the order they were sent
+        workload[scope][crashitem] = True
+        for key, unit in workload.items():
+            if not all(unit.values()):
+                self.workqueue[key] = unit
+        for other in self.assigned_work:
+            self._reschedule(other)
+        return crashitem
+
+    def schedule(self) -> None:
+        if self.collection is None:  # the first distribution, which xdist does right
+            return super().schedule()  # type: ignore[misc]
+        for node in self.nodes:
+            self._reschedule(node)
+            self._reschedule(node)  # a second unit, or shutdown when none is left: a next item either way
+
+
+def scheduler_class(dist: str) -> type | None:
+    """The scheduler for ``--dist`` DIST when xdist's own mishandles a crashed worker, else None."""
+    from xdist.scheduler import LoadFileScheduling, LoadGroupScheduling, LoadScopeScheduling
+
+    base = {"loadgroup": LoadGroupScheduling, "loadscope": LoadScopeScheduling, "loadfile": LoadFileScheduling}.get(dist)
+    return None if base is None else type(base.__name__, (RecoversFromCrashes, base), {})
 
 
 def is_controller(config: pytest.Config) -> bool:

@@ -1,4 +1,4 @@
-"""Generate with a trained model at its registered settings, score adherence, draw the README's figures.
+"""Generate with a trained model at its registered settings, score adherence, draw the trained models' figures (docs/trained-models.md).
 
 Sampling goes through the same path as the suites (``settings_for`` / ``call_kwargs`` / ``apply_scheduler``),
 so the adherence number is that of the model as the plugin runs it: its steps, guidance, scheduler, 32x32.

@@ -106,7 +106,7 @@ def load_model(model: str | os.PathLike | ModelSpec, *, device: str | torch.devi
     elif spec.family == "open-sora":
         raise ModelLoadError(
             f"{spec.name} is not a diffusers pipeline. Load its STDiT3 transformer with the Open-Sora package and "
-            "profile its sampling loop through pytest_ditredundancy.capture.adapters (see README, 'Adapters'); "
+            "profile its sampling loop through pytest_ditredundancy.capture.adapters (see docs/capture.md, 'Adapters'); "
             "`tiny-open-sora-1.2` shows the same path offline."
         )
     else:

@@ -22,6 +22,12 @@ ENTRY_POINT_GROUP = "pytest_ditredundancy.models"
 #: ``auto``: infer from the pipeline (a doubled batch is [uncond, cond], as diffusers concatenates it).
 BRANCH_LAYOUTS = ("auto", "batched-uncond-cond", "batched-cond-uncond", "sequential-cond-uncond", "single")
 
+#: The run settings of a spec: what a checkpoint takes from a registered model to be profiled (and judged) as
+#: that model's saved copy (:meth:`ModelSpec.with_settings_of`; ``--dit-baseline-name``, ``profile_model``'s
+#: ``as_model=``). Identity (name, checkpoint, pipeline class, family) and how it is loaded stay its own.
+RUN_SETTINGS = ("steps", "height", "width", "num_frames", "guidance_scale", "scheduler", "dtype", "call_kwargs",
+                "frames_argument", "conditioning", "prediction", "branch_layout", "prompt_set")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -54,6 +60,9 @@ class ModelSpec:
     #: the named prompt set it runs unless told otherwise (None: the shipped set); the trained models know only
     #: the captions of their data (``shapes``)
     prompt_set: str | None = None
+    #: settings inferred from the pipeline class, for a checkpoint the zoo does not name (a saved directory, an
+    #: unregistered repo id): its family's, not known to be the ones it was made for
+    inferred: bool = False
 
     def __post_init__(self) -> None:
         if self.branch_layout not in BRANCH_LAYOUTS:
@@ -68,6 +77,11 @@ class ModelSpec:
     @property
     def is_video(self) -> bool:
         return self.num_frames is not None
+
+    def with_settings_of(self, other: "ModelSpec") -> "ModelSpec":
+        """This checkpoint run with ``other``'s settings (:data:`RUN_SETTINGS`), so its profile is comparable with
+        ``other``'s profiles and baselines: a saved copy of ``other``, a fine-tune, a re-export."""
+        return replace(self, inferred=False, **{name: getattr(other, name) for name in RUN_SETTINGS})
 
     def tiny(self, build: Callable[[int], Any], **overrides: Any) -> "ModelSpec":
         """The ``tiny-<name>`` twin of this spec: same family and pipeline class, built offline."""

@@ -3,7 +3,7 @@
 Unlike the ``tiny-*`` twins they are not built from a seed: their weights are loaded with the pipeline's own
 ``from_pretrained`` from ``pytest_ditredundancy/weights/<name>`` (offline). Prompts should be the dataset's
 captions (the ``shapes`` prompt set, their default); anything else is outside what they learnt.
-See README, "Trained models".
+See docs/trained-models.md.
 """
 
 from __future__ import annotations
