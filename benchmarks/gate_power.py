@@ -11,6 +11,14 @@ the suites use (:mod:`pytest_ditredundancy.judging.verdicts`) at both tolerance 
 JSON (default ``benchmarks/out/gate_power.json``): per change and suite, detected or not and the largest
 excess over tolerance (1.0 = on the edge); per suite and level, the smallest change detected in each graded
 family and the false alarms.
+
+The scheduler variant is the first of the model's compatible schedulers its pipeline accepts (FLUX, for one,
+rejects Heun and DPM-Solver, which cannot take the custom sigmas it passes); the ones it rejects are listed
+with the reason, and a change the pipeline cannot run is a skipped row, never a crash. The save/load round trip
+profiles the reloaded directory as the model (``profile_model(..., as_model=)``), with its settings.
+
+Bad input (an unknown model, a hub model that cannot be downloaded, too many or too few prompts, an output path
+that cannot be written) is refused before the first profile, with exit status 4 and nothing written.
 """
 
 from __future__ import annotations
@@ -37,13 +45,16 @@ from pytest_ditredundancy.io import plain
 from pytest_ditredundancy.profiling.prompts import PROMPT_SETS, named_prompts, select_prompts
 from pytest_ditredundancy.capture.profile import RedundancyProfile
 from pytest_ditredundancy.plugin.merge import merge_profiles
-from pytest_ditredundancy.profiling.schedulers import comparable_scheduler, compatible_schedulers
+from pytest_ditredundancy.profiling.schedulers import comparable_scheduler, compatible_schedulers, scheduler_rejection
 from pytest_ditredundancy.judging.tolerances import LEVELS, resolve
-from pytest_ditredundancy.zoo import get_spec
+from pytest_ditredundancy.zoo import ModelSpec, UnknownModelError, get_spec, registered_models
+from pytest_ditredundancy.zoo.loading import hub_problem
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "out" / "gate_power.json"
 SUITES = ("baseline_regression", "prompt_stability", "step_stability", "scheduler_stability")
+#: exit status of a usage error (as pytest's)
+USAGE_ERROR = 4
 
 
 @dataclass
@@ -134,7 +145,7 @@ def changes(spec: Any, quick: bool) -> list[Change]:
 class Profiles:
     default: RedundancyProfile
     steps: RedundancyProfile
-    scheduler: RedundancyProfile
+    scheduler: RedundancyProfile | None  # None: the pipeline runs no other scheduler (the suite is skipped)
 
 
 def _in_subprocess(model: str, prompts: list[str], kwargs: dict[str, Any]) -> RedundancyProfile:
@@ -146,13 +157,15 @@ def _in_subprocess(model: str, prompts: list[str], kwargs: dict[str, Any]) -> Re
                 "a = json.loads(sys.argv[1])\n"
                 "profile_model(a['model'], device='cpu', prompts=a['prompts'], **a['kwargs']).save(a['out'])\n")
         args = json.dumps({"model": model, "prompts": prompts, "kwargs": kwargs, "out": str(out)})
-        subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"the fresh process exited with status {done.returncode}:\n{done.stderr[-3000:]}")
         return RedundancyProfile.load(out)
 
 
 def profiles_of(model: str, change: Change | None, prompts: list[str], steps: int, other_steps: int,
-                scheduler: str, other_scheduler: str) -> Profiles:
+                scheduler: str, other_scheduler: str | None) -> Profiles:
     run = dict(change.run) if change else {}
     threads = run.pop("threads", 1)
     batch_size = run.pop("batch_size", len(prompts))
@@ -164,6 +177,7 @@ def profiles_of(model: str, change: Change | None, prompts: list[str], steps: in
         with tempfile.TemporaryDirectory() as tmp:
             pipe.save_pretrained(tmp)
             pipe = load_model(tmp, device="cpu")
+        run["as_model"] = model  # the reloaded copy runs with the model's settings (e.g. max_sequence_length)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -178,9 +192,31 @@ def profiles_of(model: str, change: Change | None, prompts: list[str], steps: in
             late = profile_model(pipe, prompts=prompts[half:], prompt_offset=half, **kwargs)
             early = profile_model(pipe, prompts=prompts[:half], **kwargs)
             return merge_profiles([(0, half, early), (half, len(prompts), late)], len(prompts), model)
-        return Profiles(one(steps, scheduler), one(other_steps, scheduler), one(steps, other_scheduler))
+        return Profiles(one(steps, scheduler), one(other_steps, scheduler),
+                        one(steps, other_scheduler) if other_scheduler else None)
     finally:
         torch.set_num_threads(previous)
+
+
+def scheduler_variant(model: str, spec: ModelSpec, prompt: str) -> tuple[str | None, dict[str, str]]:
+    """The first compatible scheduler other than the model's own that its pipeline runs (one prompt, the model's
+    step count), and the reason of each one it rejects (FLUX: Heun and DPM-Solver cannot take its custom sigmas).
+    ``None`` when it runs none: the scheduler suite is then skipped, with the reasons."""
+    pipe = load_model(model, device="cpu")
+    rejected: dict[str, str] = {}
+    for name in compatible_schedulers(spec.prediction):
+        if name == spec.scheduler:
+            continue
+        try:
+            profile_model(pipe, prompts=[prompt], steps=spec.steps, scheduler=name, seed=0)
+        except ValueError as exc:
+            reason = scheduler_rejection(exc)
+            if reason is None:
+                raise
+            rejected[name] = reason
+            continue
+        return name, rejected
+    return None, rejected
 
 
 def _shape_values(reference: RedundancyProfile, other: RedundancyProfile, label: str) -> dict[str, float]:
@@ -198,22 +234,23 @@ class Baseline:
     spread: np.ndarray
     prompt: dict[str, Any]
     steps: dict[str, Any]
-    scheduler: dict[str, Any]
+    scheduler: dict[str, Any] | None
     checkpoint_scheduler: Any
 
 
-def record(p: Profiles, labels: tuple[str, str]) -> Baseline:
+def record(p: Profiles, labels: tuple[str, str | None]) -> Baseline:
     prof = p.default
     b = prof.branches.index(prof.default_branch)
     data = np.where(prof.computed, prof.values["abs_l1"], np.nan)[:, b].astype(np.float64)
+    scheduler = None if p.scheduler is None else \
+        plain(verdicts.shape_section(_shape_values(prof, p.scheduler, labels[1])), _rounded)
     return Baseline(prof.mean_over_prompts("abs_l1")[b], np.nanstd(data, axis=0),
                     plain(verdicts.prompt_section(stats.prompt_stability(prof)), _rounded),
-                    plain(verdicts.shape_section(_shape_values(prof, p.steps, labels[0])), _rounded),
-                    plain(verdicts.shape_section(_shape_values(prof, p.scheduler, labels[1])), _rounded),
+                    plain(verdicts.shape_section(_shape_values(prof, p.steps, labels[0])), _rounded), scheduler,
                     comparable_scheduler(prof.metadata.extra.get("checkpoint_scheduler")))
 
 
-def judge(base: Baseline, p: Profiles, labels: tuple[str, str], level: str) -> dict[str, dict[str, Any]]:
+def judge(base: Baseline, p: Profiles, labels: tuple[str, str | None], level: str) -> dict[str, dict[str, Any]]:
     """Per suite: detected (a regression finding failed) and the largest excess over its tolerance."""
     tol = resolve(None, level, "cpu")
     prof = p.default
@@ -238,6 +275,9 @@ def judge(base: Baseline, p: Profiles, labels: tuple[str, str], level: str) -> d
                                "excess": excess_of(prompt, lambda v: tol.statistic_bounds(v)[1] - v)}
     for suite, other, stored, label in (("step_stability", p.steps, base.steps, labels[0]),
                                          ("scheduler_stability", p.scheduler, base.scheduler, labels[1])):
+        if other is None or stored is None or label is None:
+            out[suite] = {"detected": False, "excess": float("nan"), "skipped": True}
+            continue
         found = verdicts.judge_shapes(suite, _shape_values(prof, other, label), stored, tol, -1.0, unsupported={},
                                       requested=set())
         out[suite] = {"detected": any(not f.passed for f in found if f.question == "regression"),
@@ -247,51 +287,114 @@ def judge(base: Baseline, p: Profiles, labels: tuple[str, str], level: str) -> d
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
+    measured = [r for r in rows if not r.get("skipped")]
     for level in LEVELS:
         for suite in SUITES:
             smallest: dict[str, Any] = {}
-            for row in rows:
+            for row in measured:
                 if row["benign"] or row["magnitude"] is None:
                     continue
                 if row["verdicts"][level][suite]["detected"]:
                     known = smallest.get(row["family"])
                     if known is None or row["magnitude"] < known["magnitude"]:
                         smallest[row["family"]] = {"label": row["label"], "magnitude": row["magnitude"]}
-            caught = [r["label"] for r in rows if r["magnitude"] is None and not r["benign"]
+            caught = [r["label"] for r in measured if r["magnitude"] is None and not r["benign"]
                       and r["verdicts"][level][suite]["detected"]]
-            false_alarms = [r["label"] for r in rows if r["benign"] and r["verdicts"][level][suite]["detected"]]
-            summary.setdefault(level, {})[suite] = {"smallest_detected": smallest, "caught": caught,
-                                                   "false_alarms": false_alarms}
+            false_alarms = [r["label"] for r in measured if r["benign"] and r["verdicts"][level][suite]["detected"]]
+            summary.setdefault(level, {})[suite] = {
+                "smallest_detected": smallest, "caught": caught, "false_alarms": false_alarms,
+                "skipped": any(r["verdicts"][level][suite].get("skipped") for r in measured)}
     return summary
 
 
 def _fmt_cell(verdict: dict[str, Any]) -> str:
+    if verdict.get("skipped"):
+        return "skip"
     excess = verdict["excess"]
     shown = "inf" if not np.isfinite(excess) else (f"{excess:.2g}" if excess < 100 else f"{excess:.0f}")
     return f"{'FAIL' if verdict['detected'] else 'pass'} {shown}"
 
 
-def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], skipped: dict[str, str]) -> None:
+    """The table; ``skipped``: what was not measured (a scheduler the pipeline rejects, a change it cannot run)
+    and why."""
     short = {"baseline_regression": "regression", "prompt_stability": "prompt CV", "step_stability": "steps",
              "scheduler_stability": "scheduler"}
     header = ["change"] + [f"{short[s]} ({level})" for level in LEVELS for s in SUITES]
-    table = [header] + [[r["label"]] + [_fmt_cell(r["verdicts"][level][s]) for level in LEVELS for s in SUITES]
-                        for r in rows]
+    table = [header] + [[r["label"]] + [_fmt_cell(r["verdicts"][level][s]) if not r.get("skipped") else "skip"
+                                        for level in LEVELS for s in SUITES] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print("\n(cell: verdict, then the largest |change| / tolerance; 1.0 is the edge)")
+    print("\n(cell: verdict, then the largest |change| / tolerance; 1.0 is the edge; skip: not measured)")
+    for what, reason in skipped.items():
+        print(f"skipped {what}: {reason}")
     for level in LEVELS:
         for suite in SUITES:
             s = summary[level][suite]
             found = ", ".join(f"{fam}: {v['label']}" for fam, v in s["smallest_detected"].items()) or "none"
             print(f"{level:8s} {short[suite]:10s} smallest detected: {found}; also caught: "
                   f"{', '.join(s['caught']) or 'none'}; false alarms: {len(s['false_alarms'])}"
-                  f"{' (' + ', '.join(s['false_alarms']) + ')' if s['false_alarms'] else ''}")
+                  f"{' (' + ', '.join(s['false_alarms']) + ')' if s['false_alarms'] else ''}"
+                  f"{' (skipped)' if s['skipped'] else ''}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with status 4 (as pytest's), before any work."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def output_problem(path: Path) -> str | None:
+    """Why the JSON cannot be written to ``path``, or None: tried before the run (missing folders created, a
+    temporary file opened beside it), so the results are never lost to a path found bad at the end. Folders it
+    created are removed again when the path fails."""
+    path = path.expanduser()
+    if path.is_dir():
+        return f"--out {path} is a directory; name a file in it, e.g. --out {path / 'gate_power.json'}"
+    ancestors = [path.parent, *path.parent.parents]
+    blocker = next((p for p in ancestors if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--out {path}: {blocker} is a file, not a directory"
+    created = [p for p in ancestors if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as exc:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        return f"--out {path} cannot be written: {exc}"
+    return None
+
+
+def checked_model(name: str) -> str | None:
+    """Why the benchmark cannot run ``name``, or None: registered, a diffusers pipeline, loadable here."""
+    try:
+        spec = get_spec(name)
+    except UnknownModelError as exc:
+        return str(exc).split(" Registered models:")[0] + \
+            f" Registered models: {', '.join(sorted(registered_models()))}."
+    if spec.family == "open-sora":
+        return (f"{name} samples with its own loop (an adapter, not a diffusers pipeline): the benchmark swaps "
+                "schedulers and reloads saved copies, which needs a diffusers pipeline")
+    problem = hub_problem(spec)
+    if problem is not None:
+        twin = f"tiny-{name}"
+        hint = f"; offline, measure its random-weight twin: --model {twin}" if twin in registered_models() else ""
+        return f"{name} cannot be loaded: {problem}{hint}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gate_power", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m benchmarks.gate_power", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-pixart-alpha", help="registered model name (default %(default)s)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts per profile (default %(default)s)")
     parser.add_argument("--prompt-set", default=None, choices=sorted(PROMPT_SETS),
@@ -302,33 +405,58 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompts < 3:
         parser.error("--prompts must be at least 3 (the prompt-stability interval needs three)")
-    torch.set_num_threads(1)
+    problem = checked_model(args.model)
+    if problem is not None:
+        parser.error(f"--model: {problem}")
     spec = get_spec(args.model)
     from benchmarks.model import PROMPTS
 
     prompt_set = args.prompt_set or ("shapes" if spec.trained else None)
-    if prompt_set is None:
-        prompts = (PROMPTS * 2)[:args.prompts]
-    else:
-        prompts = select_prompts(named_prompts(prompt_set), args.prompts, f"the prompt set {prompt_set!r}")
+    try:
+        if prompt_set is None:
+            prompts = select_prompts(PROMPTS * 2, args.prompts, "the benchmark captions")
+        else:
+            prompts = select_prompts(named_prompts(prompt_set), args.prompts, f"the prompt set {prompt_set!r}")
+    except ValueError as exc:
+        parser.error(f"--prompts: {exc}")
+    problem = output_problem(args.out)
+    if problem is not None:
+        parser.error(problem)
+    torch.set_num_threads(1)
     print(f"{args.model}: {len(prompts)} prompts from {prompt_set or 'the benchmark captions'}", file=sys.stderr)
-    others = [s for s in compatible_schedulers(spec.prediction) if s != spec.scheduler]
-    steps, other_steps = spec.steps, spec.steps * 2
-    labels = (f"steps{other_steps}", others[0])
     started = time.perf_counter()
-    reference = profiles_of(args.model, None, prompts, steps, other_steps, spec.scheduler, others[0])
+    other, rejected = scheduler_variant(args.model, spec, prompts[0])
+    skipped = {f"scheduler variant {name}": reason for name, reason in rejected.items()}
+    if other is None:
+        skipped["scheduler suite"] = f"{spec.pipeline_class} runs none of {', '.join(rejected)}"
+    for what, reason in skipped.items():
+        print(f"  skipped {what}: {reason}", file=sys.stderr)
+    steps, other_steps = spec.steps, spec.steps * 2
+    labels = (f"steps{other_steps}", other)
+    reference = profiles_of(args.model, None, prompts, steps, other_steps, spec.scheduler, other)
     base = record(reference, labels)
     rows = []
     for change in changes(spec, args.quick):
-        p = profiles_of(args.model, change, prompts, steps, other_steps, spec.scheduler, others[0])
-        rows.append({"family": change.family, "label": change.label, "magnitude": change.magnitude,
-                     "benign": change.benign, "verdicts": {level: judge(base, p, labels, level) for level in LEVELS}})
-        print(f"  measured {change.label}", file=sys.stderr, flush=True)
+        row: dict[str, Any] = {"family": change.family, "label": change.label, "magnitude": change.magnitude,
+                               "benign": change.benign}
+        try:
+            p = profiles_of(args.model, change, prompts, steps, other_steps, spec.scheduler, other)
+        except ValueError as exc:
+            reason = scheduler_rejection(exc)
+            if reason is None:
+                raise
+            row.update(skipped=reason, verdicts=None)
+            skipped[change.label] = reason
+            print(f"  skipped {change.label}: {reason}", file=sys.stderr, flush=True)
+        else:
+            row["verdicts"] = {level: judge(base, p, labels, level) for level in LEVELS}
+            print(f"  measured {change.label}", file=sys.stderr, flush=True)
+        rows.append(row)
     summary = summarize(rows)
-    print_table(rows, summary)
+    print_table(rows, summary, skipped)
     report = {"model": args.model, "prompts": len(prompts), "prompt_set": prompt_set, "steps": steps,
-              "other_steps": other_steps, "other_scheduler": others[0], "seconds": time.perf_counter() - started,
-              "rows": rows, "summary": summary,
+              "other_steps": other_steps, "other_scheduler": other, "skipped": skipped,
+              "seconds": time.perf_counter() - started, "rows": rows, "summary": summary,
               "tolerances": {level: resolve(None, level, "cpu").__dict__ for level in LEVELS},
               "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,29 @@ def _print_options(markdown: bool) -> int:
     return 0
 
 
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Why the merge could not write what it was asked to, found before the shards are read and replayed."""
+    from .plugin.report_collector import unwritable
+
+    if args.report and args.json and args.report.resolve() == args.json.resolve():
+        return (f"--report and --json both name {args.report}: the JSON would overwrite the HTML report; give them "
+                "different paths")
+    shards = {shard.resolve() for shard in args.shards}
+    in_folder = "a file path in a folder that can be written"
+    outputs = [("--report", args.report, args.report, in_folder), ("--json", args.json, args.json, in_folder),
+               ("--profiles-dir", args.profiles_dir, args.profiles_dir and args.profiles_dir / "profile.json",
+                "a folder that can be written")]
+    for flag, given, written, wanted in outputs:
+        if given is None:
+            continue
+        if given.resolve() in shards:
+            return f"{flag} {given} is one of the shards: it would be overwritten; give another path"
+        problem = unwritable(written)  # for the profiles: a file inside the folder
+        if problem:
+            return f"{flag} {given}: cannot write there ({problem}); give {wanted}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "options":
@@ -69,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.report or args.json or args.profiles_dir):
         print("merge: nothing to write: give --report, --json and/or --profiles-dir", file=sys.stderr)
+        return 2
+    problem = _output_problem(args)
+    if problem:
+        print(f"merge: error: {problem}", file=sys.stderr)
         return 2
     try:
         doc = merge(args.shards, report=args.report, json_path=args.json, profiles_dir=args.profiles_dir,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
 
 
 def temporary_name(path: Path) -> Path:
@@ -20,14 +23,27 @@ def stale_temporaries(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
+def temporary_target(temporary: Path) -> Path | None:
+    """The file a :func:`temporary_name` file was written for (None for any other name): which lock guards it."""
+    match = _TEMPORARY.fullmatch(temporary.name)
+    return temporary.with_name(match["name"]) if match else None
+
+
+def write_target(path: Path) -> Path:
+    """The file a write of ``path`` replaces: a symbolic link's target (the link stays a link), else ``path``."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
 
     Readers see either the old file or the new one, never a partial write, and a failure leaves the old
     file untouched. The file keeps the mode of the file it replaces, and a new file gets the usual mode
-    (0666 less the umask, like any file the user creates), not a temporary file's private 0600.
+    (0666 less the umask, like any file the user creates), not a temporary file's private 0600. A symbolic
+    link is written through, like ``open(path, "w")`` does: its target is replaced and the link stays.
     """
-    path = Path(path)
+    given, path = Path(path), write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
@@ -47,7 +63,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
+    return given
 
 
 def plain(value: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:

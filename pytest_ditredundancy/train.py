@@ -42,9 +42,9 @@ def train(name: str, out: Path | None = None, steps: int | None = None, weights:
     if name not in NAMES:
         raise ValueError(f"unknown model {name!r}; train one of: {', '.join(NAMES)}")
     out = Path(out) if out is not None else weights / name
-    if out.exists() and not (out / "training.json").is_file():
-        raise FileExistsError(f"{out} exists and holds no earlier training run (no training.json); it would be "
-                              "replaced: pass a new or empty folder as --out")
+    problem = out_problem(out)
+    if problem:
+        raise FileExistsError(f"{problem}: pass a new or empty folder as --out")
     partial = out.parent / f".{out.name}.partial"  # written in full first: an interrupted run leaves `out` intact
     if partial.exists():
         shutil.rmtree(partial)
@@ -53,6 +53,48 @@ def train(name: str, out: Path | None = None, steps: int | None = None, weights:
         shutil.rmtree(out)
     os.replace(partial, out)
     return result
+
+
+def out_problem(out: Path) -> str | None:
+    """Why ``out`` cannot take a training run, or None: a run replaces only an earlier run or an empty folder."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file" + ("" if existing == out else ", not a folder")
+    if existing == out and any(out.iterdir()) and not (out / "training.json").is_file():
+        return f"{out} exists and holds no earlier training run (no training.json); it would be replaced"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _dependencies(name: str) -> list[tuple[str, str]]:
+    """What training ``name`` reads from ``--weights``: (folder, the file that shows a finished run)."""
+    if name in ("vae", "classifier"):
+        return []
+    from .training.dit import RECIPES
+
+    base = RECIPES[name].base
+    return [(base, "model_index.json")] if base else [("vae", "config.json")]
+
+
+def _paths_problem(names: tuple[str, ...], out: Path | None, weights: Path) -> str | None:
+    """Why the run could not read what it builds on or write what it trains, found before any training."""
+    if weights.exists() and not weights.is_dir():
+        return f"--weights {weights} is a file; pass the folder that holds vae/ and the base models"
+    trained: set[str] = set()  # earlier names of this run, written to --weights
+    for name in names:
+        if out is not None and (problem := out_problem(out)):
+            return f"--out {out}: {problem}; pass a new or empty folder as --out"
+        if out is None and (problem := out_problem(weights / name)):
+            return (f"--weights {weights}: {problem}, and {name} is written there; move that away, or pass another "
+                    "folder as --weights" + (" or --out" if len(names) == 1 else ""))
+        for needed, marker in _dependencies(name):
+            if needed not in trained and not (weights / needed / marker).is_file():
+                return (f"--weights {weights}: no trained {needed} at {weights / needed} ({name} builds on it); train "
+                        f"{needed} first (python -m pytest_ditredundancy.train {needed} --weights {weights}), or pass "
+                        f"the folder that holds it as --weights")
+        trained.add(name)
+    return None
 
 
 def _train_into(name: str, out: Path, steps: int | None, weights: Path, batch_size: int | None,
@@ -90,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.out is not None and args.name == "all":
         parser.error("--out names one model's folder; with 'all' use --weights")
+    names = NAMES if args.name == "all" else (args.name,)
+    problem = _paths_problem(names, args.out, args.weights)
+    if problem:
+        parser.error(problem)
     torch.set_num_threads(args.threads)
-    for name in NAMES if args.name == "all" else (args.name,):
+    for name in names:
         start = time.time()
         result = train(name, args.out, args.steps, args.weights, args.batch_size, args.pool_size)
         print(f"{name}: {result} in {time.time() - start:.0f} s", flush=True)

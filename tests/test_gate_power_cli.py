@@ -90,7 +90,7 @@ def test_hub_model_offline_suggests_the_tiny_twin(tmp_path):
 
 def _assert_same_profile(a, b) -> None:
     assert a.metadata.extra["settings_key"] == b.metadata.extra["settings_key"]
-    assert a.prompts == b.prompts and a.layers == b.layers and a.kinds == b.kinds
+    assert a.metadata.prompts == b.metadata.prompts and a.layers == b.layers and a.kinds == b.kinds
     for metric in a.values:
         np.testing.assert_array_equal(a.values[metric], b.values[metric])
 

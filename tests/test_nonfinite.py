@@ -11,7 +11,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -99,6 +98,19 @@ def test_hook_order_not_site_order_decides(tiny_pipeline_cache):
     assert (first["step"], first["layer"], first["kind"]) == (0, "transformer_blocks.0.attn1", "v"), first
 
 
+def test_the_whole_batch_branch_is_named(tiny_pipeline_cache):
+    spec, pipe = get_spec("tiny-pixart-alpha"), tiny_pipeline_cache("tiny-pixart-alpha")
+    settings = settings_for(spec, steps=STEPS, num_prompts=len(PROMPTS))
+    undo = set_weight_nan(pipe, MIDDLE["tiny-pixart-alpha"])
+    try:
+        with capture_redundancy(pipe, branch_layout=spec.branch_layout, whole_batch=True) as cap:
+            pipe(**call_kwargs(spec, settings, PROMPTS, pipe, [torch.Generator().manual_seed(0)] * 2))
+    finally:
+        undo()
+    first = cap.profile().metadata.first_nonfinite
+    assert (first["step"], first["kind"], first["branch"], first["prompt"]) == (0, "v", "batch", 0), first
+
+
 def test_a_finite_profile_names_nothing(tiny_pipeline_cache):
     spec, pipe = get_spec("tiny-pixart-alpha"), tiny_pipeline_cache("tiny-pixart-alpha")
     profile = capture(pipe, spec)
@@ -144,15 +156,16 @@ def test_the_plugin_prints_the_message_once_per_test(pytester):
     shutil.copytree(SUITES, pytester.path / "suites", ignore=shutil.ignore_patterns("__pycache__"))
     pytester.makeini("[pytest]\n")
     pytester.makeconftest(NAN_V_MODEL)
+    pytester.makepyfile(test_own_check="def test_own_check(dit_check):\n    dit_check.profile()\n")
     result = pytester.runpytest_subprocess(
-        "suites/test_prompt_stability.py", "suites/test_cache_gate.py", "--dit-model=tiny-nan-v-pixart",
-        "--dit-cache=profile:budget=0.3", "--dit-steps=4", "--dit-num-prompts=2", "--dit-cache-repeats=1",
-        "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning")
-    result.assert_outcomes(failed=2)
+        "suites/test_prompt_stability.py", "suites/test_baseline_regression.py", "test_own_check.py",
+        "--dit-model=tiny-nan-v-pixart", "--dit-steps=4", "--dit-num-prompts=2", "-p", "no:cacheprovider",
+        "-W", "ignore::DeprecationWarning")
+    result.assert_outcomes(failed=3)
     text = result.stdout.str()
     reports = text.split("short test summary info")[0]  # the summary repeats each message once more
     named = "first non-finite activation: step 0, layer transformer_blocks.1.attn1 (layer 3 of 4), kind v"
-    assert reports.count(named) == 2, text
-    assert reports.count("is non-finite (NaN or inf activations)") == 2, text
+    assert reports.count(named) == 3, text
+    assert reports.count("is non-finite (NaN or inf activations)") == 3, text
     assert "During handling of the above exception" not in text and "direct cause" not in text, text
     assert "from layer transformer_blocks.0.attn1" not in text

@@ -17,8 +17,9 @@ import pytest
 
 pytest.importorskip("xdist")
 
-from pytest_ditredundancy.plugin.xdist import scheduler_class  # noqa: E402
-from xdist.remote import Producer  # noqa: E402
+from xdist.remote import Producer
+
+from pytest_ditredundancy.plugin.xdist import scheduler_class
 
 #: a hang shows as a timeout instead of a stuck test run; a healthy run takes well under a minute
 BOUND_S = 240
@@ -159,7 +160,8 @@ def test_sigterm_to_the_controller_still_writes_the_report(pytester):
     pytester.makeini("[pytest]\n")
     pytester.makepyfile(test_slow=SLOW)
     proc = pytester.popen([sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider",
-                           "--dit-json=report.json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                           "--dit-json=report.json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + BOUND_S
         while not (pytester.path / "started").exists() and time.monotonic() < deadline:

@@ -9,6 +9,7 @@ diffusers-backed names are the fields of diffusers' config classes, and a test k
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,11 +19,18 @@ class CacheSpecError(ValueError):
 
 
 def _float(text: str) -> float:
-    return float(text)
+    """A finite number: a NaN passes every range check and would become part of the baseline key."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _int(text: str) -> int:
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -39,7 +47,7 @@ def _range(text: str) -> tuple[float, float]:
     lo, sep, hi = text.partition("..")
     if not sep:
         raise ValueError(f"expected a range LO..HI, got {text!r}")
-    low, high = float(lo), float(hi)
+    low, high = _float(lo), _float(hi)
     if low >= high:
         raise ValueError(f"range {text!r} is empty (LO must be below HI)")
     return (int(low) if low.is_integer() else low, int(high) if high.is_integer() else high)
@@ -67,7 +75,7 @@ def _at_least(minimum: float, kind: Callable[[str], Any]) -> Callable[[str], Any
 
 
 def _budget(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"budget is the fraction of attention calls skipped and must lie in [0, 1), got {value:g}")
     return value

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .metrics import DIFF_L2, METRICS, NORM, metrics_from_stats
+from .metrics import ABS_SUM, DIFF_L2, METRICS, NORM, metrics_from_stats
 from .profile import ProfileMetadata, RedundancyProfile
 from .sites import KINDS, CaptureSite
 
@@ -43,8 +43,9 @@ from .sites import KINDS, CaptureSite
 class RawSeries:
     steps: list[int]
     valid: list[bool]
-    stats: np.ndarray  # (captured steps, 4, rows)
+    stats: np.ndarray  # (captured steps, fields, rows)
     numel: int
+    order: list[int] | None = None  # per captured step: its place in the run's hook order
 
 
 @dataclass
@@ -197,7 +198,45 @@ def assemble_profile(runs: Sequence[RawRun], sites: Sequence[CaptureSite], layou
             store(WHOLE_BATCH, sites[site_index], per_sample, valid[1:], samples)
         offset += samples
     meta = _metadata(runs, steps, prompts, context, metadata)
+    meta.first_nonfinite = _first_nonfinite(runs, plans, sites, prompts, whole_batch)
     return RedundancyProfile(layers, kinds, branches, values, computed, meta)
+
+
+def _first_nonfinite(runs: Sequence[RawRun], plans: list, sites: Sequence[CaptureSite], prompts: list[str],
+                     whole_batch: bool) -> dict[str, Any] | None:
+    """The first captured tensor, in the order the model computed them, whose own statistics (sum|x|, ||x||)
+    are NaN or inf, i.e. it holds a NaN or inf (or is too large for float32 sums); ``None`` when there is none.
+
+    Step-pair differences cannot tell: a NaN a deep layer puts into step 1's input turns every layer's step
+    pair 0 non-finite, the first layer's included. Order: run, step, transformer call, then hook order.
+    """
+    offset = 0
+    for run, (samples, pieces) in zip(runs, plans):
+        first = None
+        for (site_index, call), series in run.series.items():
+            if call not in pieces:
+                continue
+            bad = ~np.isfinite(series.stats[:, (ABS_SUM, NORM)]).all(axis=1)  # (captured steps, rows)
+            hit = np.flatnonzero(bad.any(axis=1))
+            if not hit.size:
+                continue
+            i = int(hit[0])
+            key = (series.steps[i], call, series.order[i] if series.order else site_index)
+            if first is None or key < first[0]:
+                first = (key, site_index, call, bad[i])
+        if first is not None:
+            (step, call, _), site_index, _, rows = first
+            row = int(np.flatnonzero(rows)[0])
+            name, piece = next(((n, r) for n, r in pieces[call] if r.start <= row < r.stop),
+                               (f"call{call}", slice(0, rows.size)))
+            prompt = offset + (row - piece.start) % samples
+            site = sites[site_index]
+            return {"step": int(step), "layer": site.layer, "kind": site.kind,
+                    "branch": WHOLE_BATCH if whole_batch and name in GUIDANCE_BRANCHES else name,
+                    "prompt": prompt, "prompt_text": prompts[prompt], "call": int(call),
+                    "nonfinite_rows": int(rows.sum()), "rows": int(rows.size)}
+        offset += samples
+    return None
 
 
 def _combined(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,10 @@ size). Everything is removed on exit, also when the pipeline raises.
 
 Per series only the previous step's tensor is kept (a reference, not a copy, unless the model later
 mutates it in place: the tensor version counter tells, and the series switches to copies). Each step is
-reduced on the device to four numbers per sample (:func:`pytest_ditredundancy.capture.metrics.step_stats`);
-nothing leaves the device until :meth:`RedundancyCapture.profile`, which does one transfer.
+reduced on the device to five numbers per sample (:func:`pytest_ditredundancy.capture.metrics.step_stats`);
+nothing leaves the device until :meth:`RedundancyCapture.profile`, which does one transfer. Each recorded tensor
+also gets its place in the order the hooks fired: with the tensor's own sums (non-finite when it holds a NaN or
+inf) that names the first non-finite activation after the run, at no cost during it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class _Series:
     steps: list[int] = field(default_factory=list)
     valid: list[bool] = field(default_factory=list)
     stats: list[torch.Tensor] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # per step: when this tensor was recorded within its run
     previous: torch.Tensor | None = None
     previous_version: int | None = None
     previous_step: int = -2
@@ -53,6 +56,7 @@ class _Run:
     cfg: bool | None = None
     samples: int | None = None
     cond_first: bool = False
+    recorded: int = 0  # tensors recorded so far: the order the site hooks fired in, across steps and calls
 
     @property
     def empty(self) -> bool:
@@ -228,6 +232,8 @@ class RedundancyCapture(StepTracker):
         series.stats.append(self.step_statistics(tensor, previous if valid else None, series.rows))
         series.steps.append(run.step)
         series.valid.append(valid)
+        series.order.append(run.recorded)
+        run.recorded += 1
         kept = tensor.detach()
         if series.copy:
             series.previous, series.previous_version = kept.clone(), None
@@ -269,7 +275,8 @@ class RedundancyCapture(StepTracker):
         for run in runs:
             raw = {}
             for key, series in run.series.items():
-                raw[key] = RawSeries(steps=series.steps, valid=series.valid, stats=host[position], numel=series.numel)
+                raw[key] = RawSeries(steps=series.steps, valid=series.valid, stats=host[position], numel=series.numel,
+                                     order=series.order)
                 position += 1
             raw_runs.append(RawRun(steps=run.step, batch_sizes=dict(run.batch_sizes), series=raw,
                                    timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg,

@@ -58,6 +58,11 @@ class ProfileMetadata:
     versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the first captured tensor, in the order the model computed them, that held a NaN or inf: ``step``,
+    #: ``layer``, ``kind``, ``branch``, ``prompt`` (index), ``prompt_text``, ``call`` and how many of the call's
+    #: ``rows`` were ``nonfinite_rows``; None when every one was finite (or the profile predates the field).
+    #: Step-pair values cannot name it: a NaN reaches every layer's next step through the model's input.
+    first_nonfinite: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProfileMetadata":
@@ -158,6 +163,9 @@ class RedundancyProfile:
         meta = ProfileMetadata.from_dict(asdict(self.metadata))
         if meta.prompts:
             meta.prompts = [meta.prompts[i] for i in idx]
+        if meta.first_nonfinite is not None:  # its prompt's new index; without its prompt it names nothing
+            kept = np.flatnonzero(idx == meta.first_nonfinite.get("prompt"))
+            meta.first_nonfinite = {**meta.first_nonfinite, "prompt": int(kept[0])} if kept.size else None
         return RedundancyProfile(list(self.layers), list(self.kinds), list(self.branches),
                                  {m: v[idx] for m, v in self.values.items()}, self.computed[idx], meta)
 

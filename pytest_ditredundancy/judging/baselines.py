@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .baseline_schema import SchemaProblem, validate_baseline
-from ..io import FileReadError, atomic_write_text, plain, read_json, stale_temporaries
+from ..io import FileReadError, atomic_write_text, plain, read_json, stale_temporaries, temporary_target, write_target
 from .tolerances import Tolerance, default_table, resolve
 
 SCHEMA = "pytest-ditredundancy/baseline"
@@ -122,9 +122,14 @@ class BaselineStore:
 
         ``merge``: a ``suites.<name>`` dict is merged key by key into the stored one (under the lock), for
         suites whose entries are written by separate tests (the cache gate: one entry per strategy)."""
-        path = self.path_for(model, settings_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        named = self.path_for(model, settings_key)
+        named.parent.mkdir(parents=True, exist_ok=True)
+        path = write_target(named)  # a symbolic link is written through: its target changes, the link stays
+        if not path.exists() and path != named:
+            raise BaselineError(f"Refusing to update {named}: it is a symbolic link to {path}, which does not exist. "
+                                "Restore the target, or remove the link to write a new baseline in its place")
         with _locked(path):
+            _remove_leftovers(path)
             try:
                 data = read_baseline_file(path) if path.exists() else {}
             except BaselineError as exc:
@@ -151,7 +156,7 @@ class BaselineStore:
                     data[name] = value
             atomic_write_text(path, dumps_readable(data) + "\n")
         self.used.add(path.resolve())
-        return path
+        return named
 
     def files_of(self, models: list[str]) -> list[Path]:
         out: list[Path] = []
@@ -185,23 +190,34 @@ def read_baseline_file(path: Path) -> dict[str, Any]:
     return data
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path`` (read-merge-write by parallel workers stays consistent).
+def _lock_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
 
-    Nothing stays behind in the baseline directory: the holder removes the lock file before releasing it
-    (a waiter that then holds the lock of a removed file sees so and locks the path's new file), and removes
-    the temporaries a writer killed mid-write left (no other writer of ``path`` is active under the lock).
-    Both kinds of file are in .gitignore too."""
-    lock_path = path.with_name(f".{path.name}.lock")
+
+@contextlib.contextmanager
+def _locked(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock beside ``path`` (read-merge-write by parallel workers stays consistent); yields
+    whether it is held: always with ``wait``, without it only when no live process holds it.
+
+    The lock is an ``flock`` on ``.<name>.lock``, which the kernel releases when its holder dies, so a lock
+    file nobody holds is provably stale. The holder removes the lock file before releasing it (a waiter that
+    then holds the lock of a removed file sees so and locks the path's new file), and removes the temporaries
+    a writer killed mid-write left (no other writer of ``path`` is active under the lock). A killed holder
+    leaves its lock file: :func:`_remove_leftovers` takes such locks over and removes them. Both kinds of
+    file are in .gitignore too."""
+    lock_path = _lock_name(path)
     try:
         import fcntl
-    except ImportError:  # Windows: no fcntl; per-model files keep workers apart there
-        yield
+    except ImportError:  # Windows: no fcntl; per-model files keep workers apart there, and nothing is swept
+        yield wait
         return
     while True:
         with open(lock_path, "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:  # a live writer holds it
+                yield False
+                return
             try:
                 current = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
             except FileNotFoundError:
@@ -211,11 +227,22 @@ def _locked(path: Path) -> Iterator[None]:
             try:
                 for stale in stale_temporaries(path):
                     stale.unlink(missing_ok=True)
-                yield
+                yield True
             finally:
                 lock_path.unlink(missing_ok=True)
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             return
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Lock files and temporaries that writers killed mid-write left beside the other files of ``path``'s
+    directory. Each file's lock is taken without waiting, as its next writer would: one a live writer holds
+    is skipped, with its temporaries; one nobody holds is removed on release, and its temporaries with it."""
+    targets = {temporary_target(entry) for entry in path.parent.glob(".*.tmp")}
+    targets |= {entry.with_name(entry.name[1:-len(".lock")]) for entry in path.parent.glob(".*.lock")}
+    for target in sorted(t for t in targets if t is not None and t != path):
+        with _locked(target, wait=False):
+            pass
 
 
 def profile_section(kinds: list[str], layers: list[str], mean: np.ndarray, spread: np.ndarray, *,

@@ -98,28 +98,44 @@ class NonFiniteProfileError(ValueError):
 
 
 def first_nonfinite(profile: RedundancyProfile) -> str | None:
-    """Where non-finite values first appear (earliest step pair, then shallowest layer), or None.
+    """Where non-finite values start, or None when every measured cell is finite.
 
-    Ordered by time and depth because the first bad cell is the cause; everything after it is fallout.
+    The capture's record of the first non-finite activation, in the order the model computed them, names the
+    cause (``metadata.first_nonfinite``). Step pairs cannot: a NaN that a deep layer puts into the next step's
+    input makes every layer's step pair non-finite, the first layer's included. A profile without the record
+    (written before it existed) names its earliest non-finite step pair, then shallowest layer.
     """
     bad = profile.nonfinite
     if not bad.any():
         return None
     where = np.argwhere(bad)  # [prompt, branch, kind, layer, step]
-    first = min(where.tolist(), key=lambda w: (w[4], w[3], w[2], w[1], w[0]))
-    p, b, k, l, s = first
-    count = int(bad.any(axis=(0, 1)).sum())
-    return (f"layer {profile.layers[l]} (layer {l + 1} of {len(profile.layers)}), kind {profile.kinds[k]}, step pair "
-            f"{s} ({s}->{s + 1}), branch {profile.branches[b]}, prompt {p}; {count} of "
-            f"{int(profile.computed.any(axis=(0, 1)).sum())} measured kind x layer x step cells are non-finite")
+    p, b, k, l, s = min(where.tolist(), key=lambda w: (w[4], w[3], w[2], w[1], w[0]))
+    count = (f"{int(bad.any(axis=(0, 1)).sum())} of {int(profile.computed.any(axis=(0, 1)).sum())} measured "
+             "kind x layer x step cells are non-finite")
+    first = profile.metadata.first_nonfinite
+    if isinstance(first, dict) and {"step", "layer", "kind"} <= first.keys():
+        text = f" ({first['prompt_text']!r})" if first.get("prompt_text") else ""
+        rows = (f" ({first['nonfinite_rows']} of {first['rows']} rows of its transformer call)"
+                if "nonfinite_rows" in first and "rows" in first else "")
+        return (f"first non-finite activation: step {first['step']}, {_layer_label(profile, first['layer'])}, kind "
+                f"{first['kind']}, branch {first.get('branch')}, prompt {first.get('prompt')}{text}{rows}; {count}, "
+                f"from step pair {s} ({s}->{s + 1})")
+    return (f"first non-finite step pair: {_layer_label(profile, profile.layers[l])}, kind {profile.kinds[k]}, step "
+            f"pair {s} ({s}->{s + 1}), branch {profile.branches[b]}, prompt {p}; {count}")
+
+
+def _layer_label(profile: RedundancyProfile, layer: str) -> str:
+    if layer not in profile.layers:
+        return f"layer {layer}"
+    return f"layer {layer} (layer {profile.layers.index(layer) + 1} of {len(profile.layers)})"
 
 
 def require_finite(profile: RedundancyProfile) -> None:
-    """Raise :class:`NonFiniteProfileError` naming the first non-finite cell (statistics would drop it)."""
+    """Raise :class:`NonFiniteProfileError` naming where NaN started (statistics would drop the cells)."""
     where = first_nonfinite(profile)
     if where is not None:
         raise NonFiniteProfileError(
-            f"the profile of {profile.metadata.model or 'this model'} is non-finite (NaN or inf activations) from "
+            f"the profile of {profile.metadata.model or 'this model'} is non-finite (NaN or inf activations); "
             f"{where}. A model that produces NaN cannot be judged or stored as a baseline; find the layer that "
             "overflows (dtype, a broken weight, a scheduler that diverges)")
 

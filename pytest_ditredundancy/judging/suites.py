@@ -138,7 +138,7 @@ class SuiteJudge:
         try:
             stats.require_finite(profile)
         except stats.NonFiniteProfileError as exc:
-            raise SuiteFailed(f"{self.spec.name}: {exc}")
+            raise SuiteFailed(f"{self.spec.name}: {exc}") from None
         return profile
 
     def record(self, suite: str, statistic: str, value: float | None, bounds: list | None, passed: bool,
@@ -347,14 +347,16 @@ class SuiteJudge:
         return drifts
 
     def _check_checkpoint_scheduler(self, baseline: Baseline, profile) -> None:
-        """A checkpoint that ships another scheduler class or config changed, even though the harness
-        profiles with the scheduler its settings name."""
+        """A checkpoint that ships another scheduler class or config than its baseline recorded. Runs build
+        their scheduler from the checkpoint's config (``profiling.schedulers.make_scheduler``) as the class the
+        settings name, so a config change moves the numbers while a class change alone would not show."""
         stored = baseline.metadata.get("checkpoint_scheduler")
         current = profile.metadata.extra.get("checkpoint_scheduler")
         if stored is None or current is None:
             return
         stored, current = comparable_scheduler(stored), comparable_scheduler(current)
-        if stored.get("class") != current.get("class"):
+        class_changed = stored.get("class") != current.get("class")
+        if class_changed:
             problem = f"class {stored.get('class')} in the baseline, {current.get('class')} now"
         else:
             a, b = stored.get("config") or {}, current.get("config") or {}
@@ -362,10 +364,22 @@ class SuiteJudge:
             if not changed:
                 return
             problem = "config " + "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:6])
-        raise SuiteFailed(f"{self.spec.name} ships another scheduler than its baseline {baseline.path.name} ({problem}). "
-                          "Profiles run with the scheduler the settings name, so this change would not show in the numbers; "
-                          "if it is intended, re-create the baseline:\n    "
-                          f"{self.session.command(self.spec, '--dit-update-baselines')}")
+        alias = self.settings.scheduler
+        if alias in (None, "", "default"):
+            effect = (f"Every run uses a copy of the checkpoint's scheduler (settings scheduler {alias or 'default'!r}), "
+                      "so this change moves the numbers: the other suites may fail on them too.")
+        else:
+            effect = (f"Every run builds its scheduler as the class the settings name ({alias!r}) from the checkpoint's "
+                      "scheduler config, so " + (
+                          "the class alone does not show in the numbers (config values that changed with it can)."
+                          if class_changed else
+                          "this change moves the numbers wherever that class reads the changed keys (flow-matching "
+                          "schedulers ignore the checkpoint's prediction_type): the other suites may fail on them too."))
+        raise SuiteFailed(f"{self.spec.name} ships another scheduler than its baseline {baseline.path.name} recorded "
+                          f"({problem}). {effect} If the change is intended, re-create the baseline:\n    "
+                          f"{self.session.command(self.spec, '--dit-update-baselines')}\nIf not, restore the "
+                          "checkpoint's scheduler (the class and config the baseline records as "
+                          "metadata.checkpoint_scheduler).")
 
     def _check_layout(self, baseline: Baseline, kinds: list[str], layers: list[str], steps: int, profile) -> None:
         fix = f"if the model changed on purpose, re-create it:\n    {self.session.command(self.spec, '--dit-update-baselines')}"

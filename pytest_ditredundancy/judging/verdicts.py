@@ -29,7 +29,29 @@ PAPER_CV_RANGE = (0.10, 0.15)  # CV over prompts reported by the paper for its s
 
 
 def fmt(value: float | None) -> str:
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
+    return "nan" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+#: beyond this factor between a run and its baseline a percentage says nothing a reader can use
+_FACTOR = 1000.0
+
+
+def change_text(now: float, was: float) -> str:
+    """How ``now`` differs from the stored ``was``, computed without overflow (``now / was``, never
+    ``now - was`` of two huge numbers): a percentage, or the factor when it is beyond any tolerance."""
+    if was == 0:
+        return "a change from zero"
+    ratio = now / was
+    if not math.isfinite(ratio) or ratio <= 0 or not 1 / _FACTOR <= ratio <= _FACTOR:
+        return f"a change by more than a factor of {_FACTOR:g}"
+    return f"{100 * (ratio - 1):+.3g}% change"
+
+
+def interval_text(low: float, high: float) -> str:
+    """The run's 95% CI, or why there is none (fewer than three prompts, or no spread to bound)."""
+    if math.isnan(low) or math.isnan(high):
+        return "no 95% CI: fewer than three prompts, or no spread once one is left out"
+    return f"95% CI {fmt(low)}-{fmt(high)}"
 
 
 @dataclass
@@ -75,10 +97,13 @@ def judge_prompt_stability(results: list[stats.PromptStability], stored: dict[st
                 was = stored[r.kind]["robust_cv"]
                 bounds = tolerance.statistic_bounds(was)
                 ok = _ok(r.robust_cv, bounds)
+                measured = math.isfinite(r.robust_cv)
+                now, change = ((fmt(r.robust_cv), change_text(r.robust_cv, was)) if measured
+                               else ("not measured", "no cell with signal now"))
                 findings.append(Finding(suite, f"robust_cv[{r.kind}]", r.robust_cv, bounds, ok, details={
                     **details, "baseline": was}, message="" if ok else (
-                    f"  {r.kind:7s} robust CV {fmt(r.robust_cv)} (baseline {fmt(was)}, {fmt(100 * (r.robust_cv - was) / was if was else math.inf)}% "
-                    f"change; 95% CI {fmt(r.ci_low)}-{fmt(r.ci_high)}) outside [{fmt(bounds[0])}, {fmt(bounds[1])}]")))
+                    f"  {r.kind:7s} robust CV {now} (baseline {fmt(was)}, {change}; {interval_text(r.ci_low, r.ci_high)}"
+                    f") outside [{fmt(bounds[0])}, {fmt(bounds[1])}]")))
         claim = list(claim_bounds)
         met = _ok(r.robust_cv, claim)
         findings.append(Finding(suite, f"claim_cv[{r.kind}]", r.robust_cv, claim, met, question="claim",

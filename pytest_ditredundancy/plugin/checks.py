@@ -100,10 +100,10 @@ class SuiteCheck:
     def _plumbing(self, call: Any) -> Any:
         try:
             value = call()
-        except SuiteFailed as exc:
-            pytest.fail(str(exc), pytrace=False)
+        except SuiteFailed as exc:  # from None: pytest would print the message once per chained exception
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
         except SuiteSkipped as exc:
-            pytest.skip(str(exc))
+            raise pytest.skip.Exception(str(exc)) from None
         for record in self.judge.records:
             emit(self.item, RECORD_KEY, record)
         for path in self.judge.baselines_used:

@@ -9,18 +9,34 @@ pytest start-up: the standard library and pytest only.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, get_args, get_origin
 
 import pytest
 
+
+
+class NotFinite(ValueError):
+    """A number option given NaN or an infinity."""
+
+
+def finite(text: str) -> float:
+    """A number that is neither NaN nor infinite (a NaN would pass every bound it is compared with)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotFinite(f"expected a finite number, got {text!r}")
+    return value
+
+
 #: kind -> (how a text becomes a value, what the option expects in a usage error: one value, several)
 _PARSERS: dict[Any, tuple[Callable[[str], Any], str, str]] = {
     str: (str, "text", "texts"),
-    int: (int, "a whole number", "whole numbers"),
-    float: (float, "a number", "numbers"),
-    Path: (lambda text: Path(text).expanduser(), "a path", "paths"),
+    int: (int, "whole number", "whole numbers"),
+    float: (finite, "number", "numbers"),
+    Path: (lambda text: Path(text).expanduser(), "path", "paths"),
 }
 _KIND_NAMES = {str: "text", int: "integer", float: "number", bool: "flag", Path: "path"}
 _METADATA_KEY = "option"
@@ -100,18 +116,27 @@ class Option:
                 return self.default
         if self.kind is bool:
             return bool(value)
-        texts = _split(value if isinstance(value, list) else [value]) if self.repeatable else [str(value)]
-        if not any(text.strip() for text in texts):
+        given = value if isinstance(value, list) else [value]
+        if not any(str(text).strip() for text in given):
             raise pytest.UsageError(f"{where} is empty (an unset variable?): give a value, or leave the option out "
                                     f"for its default{_default_text(self.default)}")
+        texts = [str(value)]
+        if self.repeatable:
+            # the command line repeats the option; the ini file separates values by spaces, commas or both
+            typed = ("," if where == self.flag else " ").join(map(str, given))
+            texts = _split(typed if where == self.flag else "\0".join(map(str, given)))
+            if "" in texts:
+                raise pytest.UsageError(f"{where} has an empty item in {typed!r} (two commas in a row, a comma at "
+                                        "the start or end, or a blank item): remove the extra comma")
         parse, one, several = _PARSERS[self.item_kind]
         try:
             values = [parse(text) for text in texts]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as exc:
+            qualifier = "finite " if isinstance(exc, NotFinite) else ""
             if self.repeatable:
-                raise pytest.UsageError(f"{where} expects {several} separated by commas, "
+                raise pytest.UsageError(f"{where} expects {qualifier}{several} separated by commas, "
                                         f"got {','.join(texts)!r}") from None
-            raise pytest.UsageError(f"{where} expects {one}, got {value!r}") from None
+            raise pytest.UsageError(f"{where} expects a {qualifier}{one}, got {value!r}") from None
         unknown = [text for text in texts if self.choices and text not in self.choices]
         if unknown:  # e.g. "--dit-dtype=int8 is not a dtype the plugin runs"
             raise pytest.UsageError(f"{self.flag}={unknown[0]} is not a {self.flag[6:].replace('-', ' ')} the "
@@ -155,8 +180,10 @@ def build(config: pytest.Config, config_class: type[ConfigT], steps: Sequence[St
     return config_class(**values)
 
 
-def _split(values: list[str]) -> list[str]:
-    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+def _split(text: str) -> list[str]:
+    """The items of a list option, stripped; an empty item stays (as ``""``) for the caller to refuse. Commas
+    separate items; ``\\0`` separates the ini file's words, with or without a comma (``a, b`` is two items)."""
+    return [part.strip() for part in re.split(r"\0*,\0*|\0+", text)]
 
 
 def _default_text(default: Any) -> str:
@@ -183,7 +210,9 @@ Every option of the `ditredundancy` group (`pytest --help`) has an ini twin (`[p
 `[tool.pytest.ini_options]`); the command line wins over the ini file. A boolean flag also has a `--no-` form
 that turns an ini `true` off. A list option can be repeated and takes comma lists (in the ini file: values
 separated by spaces or commas). A value given is a value used, or a usage error (exit 4) that names the option:
-an empty value (an unset variable) never means the default. Giving any option or ini key turns the plugin on.
+an empty value (an unset variable) never means the default, an empty item of a list (`a,,b`, a comma at either
+end) is never dropped, and a number is finite (`nan`, `inf` are refused). Giving any option or ini key turns the
+plugin on.
 """
 
 

@@ -36,6 +36,10 @@ DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16"
           "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: the valid values of --dit-tolerance (judging.tolerances.LEVELS; a test keeps the two in step)
 TOLERANCES = ("default", "strict")
+#: the most denoising steps --dit-steps takes: more than any sampler uses, far below what exhausts memory
+MAX_STEPS = 10000
+#: the largest --dit-step-factors multiple
+MAX_STEP_FACTOR = 100
 
 @dataclass(frozen=True, kw_only=True)
 class DitConfig:
@@ -73,7 +77,7 @@ class DitConfig:
              "of coco1000 with --dit-protocol=paper, or every prompt of a --dit-prompts file)")
     steps: int | None = option(
         "--dit-steps", ini="dit_steps", kind=int, default=None,
-        help="denoising steps, at least 2 (default: the model's own)")
+        help=f"denoising steps, 2 to {MAX_STEPS} (default: the model's own)")
     scheduler: str | None = option(
         "--dit-scheduler", ini="dit_scheduler", kind=str, default=None,
         help="scheduler alias or diffusers class (default: the model's own)")
@@ -98,7 +102,7 @@ class DitConfig:
         help="rewrite the baseline sections of the selected tests instead of comparing against them")
     step_factors: tuple[float, ...] = option(
         "--dit-step-factors", ini="dit_step_factors", kind=list[float], default=(0.5, 2.0),
-        help="step-count suite: multiples of the default step count")
+        help=f"step-count suite: multiples of the default step count, positive and at most {MAX_STEP_FACTOR}")
     schedulers: tuple[str, ...] = option(
         "--dit-schedulers", ini="dit_schedulers", kind=list[str], default=(),
         help="scheduler suite: schedulers to compare (default: those that suit the model's prediction type)")
@@ -228,14 +232,18 @@ def _check_numbers(config: pytest.Config, values: dict[str, Any]) -> dict[str, A
     if values["steps"] is not None and values["steps"] < 2:
         raise pytest.UsageError(f"--dit-steps must be at least 2 (a profile compares consecutive steps), "
                                 f"got {values['steps']}")
+    if values["steps"] is not None and values["steps"] > MAX_STEPS:
+        raise pytest.UsageError(f"--dit-steps must be at most {MAX_STEPS} (more than any sampler uses), "
+                                f"got {values['steps']}")
     bounds = values["cv_bounds"]
     if len(bounds) != 2 or bounds[0] > bounds[1] or bounds[0] < 0:
         raise pytest.UsageError(f"--dit-cv-bounds expects LO,HI with 0 <= LO <= HI, got {list(bounds)}")
     correlation = values["min_shape_correlation"]
     if not -1.0 <= correlation <= 1.0:
         raise pytest.UsageError(f"--dit-min-shape-correlation must lie in [-1, 1], got {correlation}")
-    if any(f <= 0 for f in values["step_factors"]):
-        raise pytest.UsageError(f"--dit-step-factors must be positive, got {list(values['step_factors'])}")
+    if any(not 0 < f <= MAX_STEP_FACTOR for f in values["step_factors"]):
+        raise pytest.UsageError(f"--dit-step-factors must be positive and at most {MAX_STEP_FACTOR} (multiples of "
+                                f"the default step count), got {list(values['step_factors'])}")
     return {}
 
 
@@ -331,6 +339,10 @@ def _resolve_paths(config: pytest.Config, values: dict[str, Any]) -> dict[str, A
         if values[name] is not None:
             base = Path(config.invocation_params.dir) if _DIT[name].on_command_line(config) else root
             paths[name] = base / values[name]
+    if "report" in paths and "json" in paths and paths["report"].resolve() == paths["json"].resolve():
+        raise pytest.UsageError(f"--dit-report and --dit-json both name {paths['report'].resolve()}: the JSON would "
+                                "overwrite the HTML report; give them different paths (e.g. reports/index.html and "
+                                "reports/index.json)")
     return paths
 
 

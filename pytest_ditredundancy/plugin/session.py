@@ -8,14 +8,17 @@ per test (``relay``), whatever the distribution mode.
 from __future__ import annotations
 
 import gc
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import pytest
 import torch
 
-from ..judging.baselines import BaselineStore
+from ..judging.baselines import BaselineStore, safe_name
 from ..capture.environment import device_class
 from .options import DitConfig
 from ..capture.profile import RedundancyProfile
@@ -30,9 +33,6 @@ from ..zoo.registry import ModelSpec, UnknownModelError, get_spec, registered_mo
 #: keys of a test's data (``relay.emit``): suite records, and baseline files used
 RECORD_KEY = "ditredundancy"
 BASELINE_USED_KEY = "ditredundancy-baseline"
-#: what a spec borrows from the model named by ``--dit-baseline-name``: the settings its baselines were made with
-BORROWED = ("steps", "height", "width", "num_frames", "guidance_scale", "scheduler", "dtype", "call_kwargs",
-            "frames_argument", "conditioning", "prediction", "branch_layout", "prompt_set")
 
 
 @dataclass
@@ -109,18 +109,18 @@ class DitSession:
         of the study's seven)."""
         if self.config.models:
             return list(self.config.models)
-        return [name for name in tiny_model_names() if self.protocol.selects(get_spec(name))]
+        return default_models(self.protocol)
 
     def spec(self, model: str, *, resolved: ModelSpec | None = None) -> ModelSpec:
         """The spec of a selected model (as typed), resolved once per session and as its protocol runs it. With
-        ``--dit-baseline-name`` naming a registered model, the spec runs with that model's settings, so its
-        profile is comparable with that model's baselines."""
+        ``--dit-baseline-name`` naming a registered model, the spec runs with that model's settings
+        (:meth:`ModelSpec.with_settings_of`, as ``profile_model(..., as_model=)``), so its profile is comparable
+        with that model's baselines."""
         if model not in self._specs:
             spec = resolved or resolve_spec(model)
             other = self.config.baseline_name
             if other and other != spec.name and other in registered_models():
-                base = registered_models()[other]
-                spec = replace(spec, **{name: getattr(base, name) for name in BORROWED})
+                spec = spec.with_settings_of(registered_models()[other])
             self.protocol.check_model(spec)
             self._specs[model] = self.protocol.spec(spec)
             self.references.setdefault(spec.name, model)
@@ -218,7 +218,8 @@ def check_models(config: DitConfig, *, probe_hub: bool) -> tuple[DitConfig, dict
 
     Unknown names (with close names), directories without a pipeline, two different checkpoints with one name,
     a model the protocol cannot measure, and (``probe_hub``: once, on the controller) Hugging Face models that
-    are neither cached nor reachable. A model selected twice (also under two spellings) runs once."""
+    are neither cached nor reachable and, with ``--dit-update-baselines``, baseline folders that cannot be
+    written. A model selected twice (also under two spellings) runs once."""
     kept: dict[tuple[str, str | None], str] = {}
     names: dict[str, str] = {}
     specs: dict[str, ModelSpec] = {}
@@ -243,4 +244,50 @@ def check_models(config: DitConfig, *, probe_hub: bool) -> tuple[DitConfig, dict
         problem = hub_problem(spec) if probe_hub and config.models else None
         if problem:
             raise pytest.UsageError(f"--dit-model={model}: {problem}")
+    if config.update_baselines and probe_hub:
+        models = [spec.name for spec in specs.values()] or default_models(protocol)
+        check_baseline_folders(config.baseline_dir, [config.baseline_name] if config.baseline_name else models)
     return replace(config, models=tuple(kept.values())), specs
+
+
+def default_models(protocol: Protocol) -> list[str]:
+    """The models a run without ``--dit-model`` selects: every tiny model the protocol measures."""
+    return [name for name in tiny_model_names() if protocol.selects(get_spec(name))]
+
+
+def check_baseline_folders(root: Path, models: Iterable[str]) -> None:
+    """``--dit-update-baselines``: a file can be written in each model's baseline folder, checked before
+    anything runs (a failed write would otherwise come after the model was profiled). Every problem is in one
+    :class:`pytest.UsageError`; the check leaves the disk as it found it."""
+    folders = dict.fromkeys(Path(root) / safe_name(model) for model in models)
+    problems = [f"{folder}: {problem}" for folder in folders if (problem := _cannot_write(folder))]
+    if problems:
+        raise pytest.UsageError("--dit-update-baselines cannot write baselines to " + "; ".join(problems)
+                                + ". Make each a writable folder (move away the file in the way, or make the folder "
+                                "writable), or write the baselines elsewhere with --dit-baseline-dir=DIR")
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why no file can be created in ``folder``, or None. A missing folder is created for the test and removed
+    again. Permission bits are read with ``os.access``; the file written and removed catches what they do not
+    say (a read-only mount, an immutable folder, and every folder when running as root)."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    finally:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+    return None

@@ -51,8 +51,8 @@ class DitReporter:
                                 and not session.shouldfail and session.testscollected > 0)
         self.dit.close()
 
-    def bad_tests(self, terminalreporter: Any) -> dict[str, set[str]]:
-        """Per model (spec name), the tests that failed, errored or crashed (xdist reports a crash as failed)."""
+    def _by_model(self, nodeids: Any) -> dict[str, set[str]]:
+        """``nodeids`` grouped by the model (spec name) each test ran for; tests of no model are left out."""
         models = self.dit.selected_models()
         names = {}
         for model in models:
@@ -60,21 +60,34 @@ class DitReporter:
                 names[model] = self.dit.spec(model).name
             except Exception:  # an unknown model: its tests failed, and say why
                 names[model] = model
-        bad: dict[str, set[str]] = {}
-        for kind in ("failed", "error"):
-            for report in terminalreporter.stats.get(kind, ()):
-                nodeid = getattr(report, "nodeid", "")
-                model = model_of(nodeid, models) if nodeid else None
-                if model is not None:
-                    bad.setdefault(names[model], set()).add(nodeid)
-        return bad
+        grouped: dict[str, set[str]] = {}
+        for nodeid in nodeids:
+            model = model_of(nodeid, models) if nodeid else None
+            if model is not None:
+                grouped.setdefault(names[model], set()).add(nodeid)
+        return grouped
+
+    def bad_tests(self, terminalreporter: Any) -> dict[str, set[str]]:
+        """Per model (spec name), the tests that failed, errored or crashed (xdist reports a crash as failed)."""
+        return self._by_model(getattr(report, "nodeid", "") for kind in ("failed", "error")
+                              for report in terminalreporter.stats.get(kind, ()))
+
+    def tests_not_run(self) -> dict[str, set[str]]:
+        """Per model, the tests collected for it that never reported a result (an interrupted or stopped run);
+        none under the options that run no test on purpose (``--collect-only``, ``--setup-only``, ``--setup-plan``)."""
+        option = self.config.option
+        collector = self.config.pluginmanager.get_plugin("ditredundancy-report")
+        if collector is None or any(getattr(option, name, False) for name in ("collectonly", "setuponly", "setupplan")):
+            return {}
+        return self._by_model(n for n in collector.collected if n not in collector.results)
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-        bad = self.bad_tests(terminalreporter)
-        if not self.dit.records and not bad:
+        bad, not_run = self.bad_tests(terminalreporter), self.tests_not_run()
+        if not self.dit.records and not bad and not not_run:
             return
         terminalreporter.section("ditredundancy")
-        for line in summary_lines(self.dit.records, {model: len(ids) for model, ids in bad.items()}):
+        for line in summary_lines(self.dit.records, {model: len(ids) for model, ids in bad.items()},
+                                  {model: len(ids) for model, ids in not_run.items()}):
             terminalreporter.write_line(line)
         if self.whole_suite_ran:
             self.dit.store.used = {Path(p).resolve() for p in self.dit.baselines_used}
@@ -86,16 +99,19 @@ class DitReporter:
                     terminalreporter.write_line(f"  {relative(path, config.rootpath)}")
 
 
-def summary_lines(records: list[dict], bad: dict[str, int] | None = None) -> list[str]:
+def summary_lines(records: list[dict], bad: dict[str, int] | None = None,
+                  not_run: dict[str, int] | None = None) -> list[str]:
     """One line per model with its key numbers, and one line for the cross-model comparison. ``bad``: per
-    model, how many of its tests failed, errored or crashed; such a model is FAIL whatever its records say."""
-    bad = bad or {}
+    model, how many of its tests failed, errored or crashed; such a model is FAIL whatever its records say.
+    ``not_run``: per model, how many of its tests never ran (an interrupted run); such a model is incomplete
+    (unless FAIL): its records speak only for the tests that ran."""
+    bad, not_run = bad or {}, not_run or {}
     by_model: dict[str, list[dict]] = {}
     pairs = [r for r in records if r["suite"] == "model_distinctness"]
     for record in records:
         if record["suite"] != "model_distinctness":
             by_model.setdefault(record["model"], []).append(record)
-    for model in bad:
+    for model in [*bad, *not_run]:
         by_model.setdefault(model, [])
     lines = []
     for model, entries in by_model.items():
@@ -123,8 +139,11 @@ def summary_lines(records: list[dict], bad: dict[str, int] | None = None) -> lis
         failed_tests = bad.get(model, 0)
         if failed_tests:
             parts.append(f"{failed_tests} test{'s' if failed_tests != 1 else ''} failed, errored or crashed")
+        missing = not_run.get(model, 0)
+        if missing:
+            parts.append(f"{missing} test{'s' if missing != 1 else ''} did not run")
         failed = failed_tests or sum(not e["passed"] for e in entries)
-        lines.append(f"{model}: {'FAIL' if failed else 'ok'}; " + "; ".join(parts))
+        lines.append(f"{model}: {'FAIL' if failed else 'incomplete' if missing else 'ok'}; " + "; ".join(parts))
     if pairs:
         worst = min(pairs, key=lambda r: float("inf") if r["value"] is None else r["value"])
         failed = sum(not r["passed"] for r in pairs)

@@ -79,6 +79,7 @@ class XdistHooks:
         self.config = config
         requested = config.getoption("dit_device", None) or config.getini("dit_device") or "auto"
         self.assigner = DeviceAssigner(gpu_devices(requested) if devices is None else devices)
+        self.previous_sigterm: Any = None  # the handler to restore at the end of the session
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_auto_num_workers(self, config: pytest.Config) -> int | None:
@@ -115,10 +116,9 @@ class XdistHooks:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        previous = getattr(self, "previous_sigterm", None)
-        if previous is not None:
+        if self.previous_sigterm is not None:
+            _on_sigterm(self.previous_sigterm)
             self.previous_sigterm = None
-            _on_sigterm(previous)
 
 
 class Terminated(KeyboardInterrupt):
@@ -172,7 +172,8 @@ def scheduler_class(dist: str) -> type | None:
     """The scheduler for ``--dist`` DIST when xdist's own mishandles a crashed worker, else None."""
     from xdist.scheduler import LoadFileScheduling, LoadGroupScheduling, LoadScopeScheduling
 
-    base = {"loadgroup": LoadGroupScheduling, "loadscope": LoadScopeScheduling, "loadfile": LoadFileScheduling}.get(dist)
+    bases = {"loadgroup": LoadGroupScheduling, "loadscope": LoadScopeScheduling, "loadfile": LoadFileScheduling}
+    base = bases.get(dist)
     return None if base is None else type(base.__name__, (RecoversFromCrashes, base), {})
 
 

@@ -113,6 +113,15 @@ def _site_table(plan: CapturePlan) -> dict[tuple, tuple[int, int]]:
     return table
 
 
+def _items(text: str, flag: str) -> list[str]:
+    """A comma list; an empty item (``a,,b``, a comma at either end, a blank item) is an error naming ``flag``."""
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError(f"{flag} has an empty item in {text!r} (two commas in a row, a comma at the start or end, "
+                         "or a blank item): remove the extra comma")
+    return items
+
+
 def run_plan(models: str, *, gpu_memory: str | None = None, kinds: str | None = None, batch_size: int = 1) -> int:
     """The ``plan`` command: print the plan of each model; exit 2 on bad input, 1 when something does not fit."""
     import sys
@@ -124,12 +133,12 @@ def run_plan(models: str, *, gpu_memory: str | None = None, kinds: str | None = 
 
     try:
         gpu_bytes = parse_memory_size(gpu_memory) if gpu_memory is not None else None
-        names = shipped_models() if models.strip() == "all" else [m.strip() for m in models.split(",") if m.strip()]
-        if not names:
+        if not models.strip():
             raise ValueError("--dit-model is empty: give a registered model such as flux-dev, or 'all'")
+        names = shipped_models() if models.strip() == "all" else _items(models, "--dit-model")
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        wanted = DEFAULT_KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
+        wanted = DEFAULT_KINDS if kinds is None else tuple(_items(kinds, "--kinds"))
         plans = [plan_capture(name, kinds=wanted, batch_size=batch_size) for name in names]
     except (ValueError, UnknownModelError, NoRealConfigError) as exc:
         print(f"plan: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

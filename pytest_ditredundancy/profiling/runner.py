@@ -21,7 +21,7 @@ from ..capture.profile import RedundancyProfile
 from .schedulers import apply_scheduler, checkpoint_scheduler
 from .settings import RunRequest, RunSettings, resolve_run, settings_for
 from ..capture.sites import DEFAULT_KINDS
-from ..zoo.loading import load_model, resolve_device, resolve_spec, spec_of
+from ..zoo.loading import load_model, resolve_device, resolve_spec, spec_as, spec_of
 from ..zoo.registry import ModelSpec
 
 
@@ -64,7 +64,8 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
                   height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0,
                   progress: Callable[[int, int, float], None] | None = None,
-                  protocol: str | Protocol = "project", prompt_set: str | None = None) -> RedundancyProfile:
+                  protocol: str | Protocol = "project", prompt_set: str | None = None,
+                  as_model: str | ModelSpec | None = None) -> RedundancyProfile:
     """Profile ``model`` (a name, HF id, directory, spec, an already loaded pipeline, or an adapter
     :class:`~pytest_ditredundancy.capture.adapters.DenoisingLoop`).
 
@@ -81,6 +82,13 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
     of its ``coco1000`` captions by default. The protocol is recorded in ``profile.metadata.protocol`` and in
     the settings key.
 
+    ``as_model`` (a registered name): ``model`` is a saved copy of that model (a directory written by
+    ``save_pretrained``, a fine-tune, a re-export), profiled with its settings: steps, size, guidance, scheduler,
+    call arguments (e.g. ``trained-sd3``'s ``max_sequence_length=16``), prompt set; the plugin's
+    ``--dit-baseline-name`` borrows the same (:meth:`~pytest_ditredundancy.zoo.ModelSpec.with_settings_of`).
+    Without it, a checkpoint the zoo does not name runs with settings inferred from its pipeline class, and an
+    :class:`~pytest_ditredundancy.zoo.loading.InferredSettingsWarning` names them.
+
     ``progress(done, total, steps_per_second)`` is called after each batch.
 
     Example::
@@ -90,12 +98,12 @@ def profile_model(model: str | ModelSpec | Any, *, prompts: Sequence[str] | None
     """
     chosen = get_protocol(protocol)
     if isinstance(model, (str, ModelSpec)) or hasattr(model, "__fspath__"):
-        spec = resolve_spec(model)
+        spec = spec_as(resolve_spec(model), as_model)
         chosen.check_model(spec)
         pipe = load_model(chosen.spec(spec), device=device, dtype=dtype, seed=0 if seed is None else seed)
     else:
         pipe = model
-        spec = spec_of(pipe) or _spec_name_for(pipe)
+        spec = spec_as(spec_of(pipe) or _spec_name_for(pipe), as_model)
     request = resolve_run(spec, protocol=chosen, prompts=prompts, prompt_set=prompt_set, num_prompts=num_prompts,
                           steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size, height=height,
                           width=width, num_frames=num_frames, guidance_scale=guidance_scale, kinds=kinds,

@@ -130,7 +130,10 @@ PROTOCOL_TITLES = {"project": "project (this package's definitions)",
 
 
 def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: dict[str, Any],
-                 spec_info: dict[str, Any], paper: list[str], deferred: int, protocol: str = "project") -> dict[str, Any]:
+                 spec_info: dict[str, Any], paper: list[str], deferred: int, protocol: str = "project",
+                 not_run: list[str] | None = None) -> dict[str, Any]:
+    """``not_run``: the model's tests that never reported a result; a model with any is incomplete (unless
+    failed), since its records speak only for the tests that ran."""
     suites: dict[str, dict[str, Any]] = {}
     for record in records:
         suites.setdefault(record["suite"], {"records": []})["records"].append(record)
@@ -142,8 +145,11 @@ def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: 
                      claims_not_met=sum(claim_not_met(r) for r in suite["records"]))
     own_tests = {nodeid: outcome for nodeid, outcome in tests["results"].items() if tests["models"].get(nodeid) == model}
     bad = sorted(n for n, o in own_tests.items() if o in ("failed", "error", "crashed"))
+    not_run = sorted(n for n in not_run or () if n not in own_tests)  # a crashed test is bad, not "not run"
     if bad or any(not s["passed"] for s in ordered.values()):
         status = "failed"
+    elif not_run:
+        status = "incomplete"
     elif ordered:
         status = "passed"
     else:
@@ -155,7 +161,7 @@ def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: 
             "protocol": ", ".join(protocols) or protocol,
             "paper_family": family in paper, "status": status, "suites": ordered,
             "paper_cv": {r.get("kind", "?"): r["paper_cv"] for r in cvs},
-            "tests": {"total": len(own_tests), "bad": bad},
+            "tests": {"total": len(own_tests), "bad": bad, "not_run": not_run},
             "profiles": sorted(summaries, key=lambda s: (not s["is_default"], s["label"]))}
 
 
@@ -183,9 +189,12 @@ def build_document(*, run: dict[str, Any], records: list[dict[str, Any]], summar
     paper = paper_families()
     deferred_models = {d["model"] for d in deferred or ()}
     protocol = run.get("protocol") or "project"
+    not_run: dict[str | None, list[str]] = {}
+    for item in tests["missing"]:
+        not_run.setdefault(model_of(item["nodeid"], models), []).append(item["nodeid"])
     entries = [_model_entry(m, [r for r in records if r["model"] == m and r["suite"] != "model_distinctness"],
                             [s for s in summaries if s["model"] == m], tests, spec_info.get(m, {}), paper,
-                            int(m in deferred_models), protocol) for m in models]
+                            int(m in deferred_models), protocol, not_run.get(m)) for m in models]
     cross = [r for r in records if r["suite"] == "model_distinctness"]
     failed = sum(e["status"] == "failed" for e in entries) + sum(not r["passed"] for r in cross)
     doc = {

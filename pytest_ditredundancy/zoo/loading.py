@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,10 @@ _SPECS: "weakref.WeakKeyDictionary[Any, ModelSpec]" = weakref.WeakKeyDictionary(
 
 class ModelLoadError(RuntimeError):
     """A model that could not be loaded; the message says why and what to do."""
+
+
+class InferredSettingsWarning(UserWarning):
+    """A checkpoint the zoo does not name is profiled with settings inferred from its pipeline class."""
 
 
 def _family_spec(pipeline_class: str) -> ModelSpec | None:
@@ -63,9 +68,36 @@ def _spec_for_checkpoint(checkpoint: str, name: str, pipeline_class: str) -> Mod
     family = _family_spec(pipeline_class)
     if family is not None:
         return replace(family, name=name, checkpoint=checkpoint, build=None, in_paper=False, height=None, width=None,
-                       num_frames=None)
+                       num_frames=None, inferred=True)
     return ModelSpec(name=name, family="custom", pipeline_class=pipeline_class, checkpoint=checkpoint, steps=20,
-                     height=None, width=None, guidance_scale=None, scheduler="default")
+                     height=None, width=None, guidance_scale=None, scheduler="default", inferred=True)
+
+
+def spec_as(spec: ModelSpec, as_model: str | ModelSpec | None = None) -> ModelSpec:
+    """``spec`` as it is profiled: with the settings of ``as_model`` (a registered name or a spec) when given,
+    as that model's saved copy (:meth:`ModelSpec.with_settings_of`). Without it, a spec whose settings were
+    inferred from its pipeline class gives an :class:`InferredSettingsWarning` that names them."""
+    if as_model is not None:
+        return spec.with_settings_of(as_model if isinstance(as_model, ModelSpec) else get_spec(as_model))
+    if spec.inferred:
+        warnings.warn(inferred_settings_message(spec), InferredSettingsWarning, stacklevel=3)
+    return spec
+
+
+def inferred_settings_message(spec: ModelSpec) -> str:
+    """What an inferred spec runs with, and how to run a saved copy of a registered model with that model's."""
+    source = f"the {spec.family} family's" if spec.family != "custom" else "generic defaults"
+    size = f"{spec.width}x{spec.height}" if spec.height and spec.width else "the pipeline's default size"
+    frames = f", {spec.num_frames} frames" if spec.num_frames else ""
+    guidance = f"guidance {spec.guidance_scale:g}" if spec.guidance_scale is not None else "the pipeline's guidance"
+    same = [name for name, other in registered_models().items() if other.pipeline_class == spec.pipeline_class]
+    example = same[0] if same else "NAME"
+    candidates = f" (registered {spec.pipeline_class} models: {', '.join(same)})" if same else ""
+    return (f"{spec.checkpoint} is not a registered model: it is profiled with settings inferred from its pipeline "
+            f"class {spec.pipeline_class} ({source}): {spec.steps} steps, {guidance}, scheduler {spec.scheduler}, "
+            f"{size}{frames}, call arguments {spec.call_kwargs or 'none'}, prompt set {spec.prompt_set or 'default'}. "
+            f"If it is a saved copy of a registered model, pass as_model={example!r}{candidates} to profile it with "
+            "that model's settings (the plugin: --dit-baseline-name).")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -183,5 +215,5 @@ def spec_of(pipe: Any) -> ModelSpec | None:
         return None
 
 
-__all__ = ["ModelLoadError", "UnknownModelError", "hub_problem", "load_model", "resolve_device", "resolve_dtype",
-           "resolve_spec", "spec_of"]
+__all__ = ["InferredSettingsWarning", "ModelLoadError", "UnknownModelError", "hub_problem", "load_model",
+           "resolve_device", "resolve_dtype", "resolve_spec", "spec_as", "spec_of"]
