@@ -81,7 +81,7 @@ def test_hub_model_offline_suggests_the_tiny_twin(tmp_path):
     out = tmp_path / "out" / "power.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")}
     done = subprocess.run([sys.executable, "-m", "benchmarks.gate_power", "--model", "flux-dev", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+                          cwd=ROOT, check=False, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 4, done.stderr[-2000:]
     assert "HF_HUB_OFFLINE" in done.stderr and "tiny-flux-dev" in done.stderr
     assert "Traceback" not in done.stderr and "measured" not in done.stderr
@@ -127,3 +127,11 @@ def test_borrowed_settings_include_the_call_arguments(tmp_path, tiny_pipeline_ca
     assert spec.call_kwargs == {"max_sequence_length": 16} and spec.prompt_set == "shapes"
     assert (spec.steps, spec.height, spec.scheduler) == (trained.steps, trained.height, trained.scheduler)
     assert spec.checkpoint == str((tmp_path / "sd3").resolve()) and not spec.trained
+
+
+def test_scheduler_variant_skips_what_the_pipeline_rejects():
+    """FLUX passes custom sigmas, which flow-Heun cannot take: the benchmark names the reason and takes the next
+    compatible scheduler instead of crashing."""
+    chosen, rejected = gate_power.scheduler_variant("tiny-flux-dev", get_spec("tiny-flux-dev"), "a red bus")
+    assert chosen not in (None, "flow-euler", "flow-heun")
+    assert "does not support custom" in rejected["flow-heun"]

@@ -342,3 +342,10 @@ def test_statistics_on_a_real_profile(tiny_profile):
     mirrored = RedundancyProfile(tiny_profile.layers, tiny_profile.kinds, tiny_profile.branches, reversed_values,
                                  tiny_profile.computed[..., ::-1].copy(), tiny_profile.metadata)
     assert distinctness(whole, signature(mirrored)).ratio > 5
+
+
+def test_the_drift_table_prints_a_factor_not_a_huge_percentage():
+    drifts = [CellDrift(kind="k", layer="blocks.0.attn", step_pair=0, baseline=1e-300, current=0.5, tolerance=1e-9)]
+    text = summarize_drift(drifts, ["blocks.0.attn"])
+    row = next(line for line in text.splitlines() if "blocks.0.attn     0" in line)
+    assert "x5e+299" in row and len(row) < 100

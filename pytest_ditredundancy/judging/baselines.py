@@ -238,9 +238,9 @@ def _remove_leftovers(path: Path) -> None:
     """Lock files and temporaries that writers killed mid-write left beside the other files of ``path``'s
     directory. Each file's lock is taken without waiting, as its next writer would: one a live writer holds
     is skipped, with its temporaries; one nobody holds is removed on release, and its temporaries with it."""
-    targets = {temporary_target(entry) for entry in path.parent.glob(".*.tmp")}
-    targets |= {entry.with_name(entry.name[1:-len(".lock")]) for entry in path.parent.glob(".*.lock")}
-    for target in sorted(t for t in targets if t is not None and t != path):
+    targets = {temporary_target(entry) for entry in path.parent.glob(".*.json.*.tmp")}
+    targets |= {entry.with_name(entry.name[1:-len(".lock")]) for entry in path.parent.glob(".*.json.lock")}
+    for target in sorted(t for t in targets if t is not None and t.suffix == ".json" and t != path):
         with _locked(target, wait=False):
             pass
 

@@ -447,7 +447,8 @@ def summarize_drift(drifts: list[CellDrift], layers: list[str], max_rows: int = 
         if np.isnan(d.baseline) or np.isnan(d.current):
             change = "unmeasured" if np.isnan(d.current) else "new"
         elif d.baseline != 0:
-            change = f"{(d.current - d.baseline) / abs(d.baseline) * 100:+.1f}%"
+            ratio = d.current / abs(d.baseline)  # a ratio: never a percentage hundreds of digits long
+            change = f"{(ratio - 1) * 100:+.1f}%" if 1e-3 <= abs(ratio) <= 1e3 else f"x{ratio:.3g}"
         else:
             change = "from 0"
         rows.append((d.kind, d.layer, str(d.step_pair), _fmt(d.baseline), _fmt(d.current), change,

@@ -17,26 +17,12 @@ from typing import Any, Callable, Sequence, TypeVar, get_args, get_origin
 
 import pytest
 
-
-
-class NotFinite(ValueError):
-    """A number option given NaN or an infinity."""
-
-
-def finite(text: str) -> float:
-    """A number that is neither NaN nor infinite (a NaN would pass every bound it is compared with)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise NotFinite(f"expected a finite number, got {text!r}")
-    return value
-
-
 #: kind -> (how a text becomes a value, what the option expects in a usage error: one value, several)
 _PARSERS: dict[Any, tuple[Callable[[str], Any], str, str]] = {
     str: (str, "text", "texts"),
-    int: (int, "whole number", "whole numbers"),
-    float: (finite, "number", "numbers"),
-    Path: (lambda text: Path(text).expanduser(), "path", "paths"),
+    int: (int, "a whole number", "whole numbers"),
+    float: (float, "a number", "numbers"),
+    Path: (lambda text: Path(text).expanduser(), "a path", "paths"),
 }
 _KIND_NAMES = {str: "text", int: "integer", float: "number", bool: "flag", Path: "path"}
 _METADATA_KEY = "option"
@@ -108,7 +94,8 @@ class Option:
 
     def read(self, config: pytest.Config) -> Any:
         """The value: the command line's, else the ini file's, else :attr:`default`. A given value that is
-        empty, does not parse or is not one of :attr:`choices` is a usage error naming the option."""
+        empty, holds an empty list item, does not parse, is not finite (numbers) or is not one of :attr:`choices`
+        is a usage error naming the option."""
         value, where = config.getoption(self.dest), self.flag
         if value is None:
             value, where = config.getini(self.ini), f"{self.ini} (ini)"
@@ -123,20 +110,23 @@ class Option:
         texts = [str(value)]
         if self.repeatable:
             # the command line repeats the option; the ini file separates values by spaces, commas or both
-            typed = ("," if where == self.flag else " ").join(map(str, given))
-            texts = _split(typed if where == self.flag else "\0".join(map(str, given)))
+            separator = "," if where == self.flag else "\0"
+            texts = _split(separator.join(map(str, given)))
+            typed = separator.replace("\0", " ").join(map(str, given))
             if "" in texts:
                 raise pytest.UsageError(f"{where} has an empty item in {typed!r} (two commas in a row, a comma at "
                                         "the start or end, or a blank item): remove the extra comma")
         parse, one, several = _PARSERS[self.item_kind]
         try:
             values = [parse(text) for text in texts]
-        except (TypeError, ValueError) as exc:
-            qualifier = "finite " if isinstance(exc, NotFinite) else ""
+        except (TypeError, ValueError):
             if self.repeatable:
-                raise pytest.UsageError(f"{where} expects {qualifier}{several} separated by commas, "
+                raise pytest.UsageError(f"{where} expects {several} separated by commas, "
                                         f"got {','.join(texts)!r}") from None
-            raise pytest.UsageError(f"{where} expects a {qualifier}{one}, got {value!r}") from None
+            raise pytest.UsageError(f"{where} expects {one}, got {value!r}") from None
+        if self.item_kind is float and not all(map(math.isfinite, values)):  # NaN passes every bound it meets
+            wanted = "finite numbers separated by commas" if self.repeatable else "a finite number"
+            raise pytest.UsageError(f"{where} expects {wanted}, got {','.join(texts)!r}")
         unknown = [text for text in texts if self.choices and text not in self.choices]
         if unknown:  # e.g. "--dit-dtype=int8 is not a dtype the plugin runs"
             raise pytest.UsageError(f"{self.flag}={unknown[0]} is not a {self.flag[6:].replace('-', ' ')} the "
