@@ -13,8 +13,10 @@ SUITES = Path(__file__).resolve().parent.parent / "suites"
 FAST = ["--dit-steps=6", "--dit-num-prompts=3", "--dit-step-factors=2", "--dit-cache-repeats=1",
         "--dit-cache-budgets=0.3", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]
 
-#: a tiny PixArt with one NaN weight in the key projection of its second block
-NAN_MODEL = '''
+def nan_model(name: str, projection: str) -> str:
+    """A conftest registering ``name``: a tiny PixArt with one NaN weight in ``projection`` (e.g. ``to_k``) of its
+    second block's self-attention."""
+    return f'''
 import math
 from dataclasses import replace
 
@@ -27,12 +29,16 @@ base = get_spec("tiny-pixart-alpha")
 def build(seed=0):
     pipe = base.build(seed)
     with torch.no_grad():
-        pipe.transformer.transformer_blocks[1].attn1.to_k.weight[0, 0] = math.nan
+        pipe.transformer.transformer_blocks[1].attn1.{projection}.weight[0, 0] = math.nan
     return pipe
 
 
-register_model(replace(base, name="tiny-nan-pixart", build=build), replace_existing=True)
+register_model(replace(base, name="{name}", build=build), replace_existing=True)
 '''
+
+
+#: a tiny PixArt with one NaN weight in the key projection of its second block
+NAN_MODEL = nan_model("tiny-nan-pixart", "to_k")
 
 
 def setup(pytester: pytest.Pytester, conftest: str = "") -> None:

@@ -20,6 +20,8 @@ from pytest_ditredundancy.capture.sites import discover_sites
 from pytest_ditredundancy.judging import statistics as stats
 from pytest_ditredundancy.profiling.runner import call_kwargs, settings_for
 
+from test_gate_end_to_end import nan_model
+
 PROMPTS = ["a red bus on a bridge", "a cat asleep on a green sofa"]
 STEPS = 3
 #: model -> the self-attention layer of a middle block (FLUX: its first single-stream block)
@@ -131,25 +133,7 @@ def test_selected_prompts_keep_their_own_entry(tiny_pipeline_cache):
 
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
-NAN_V_MODEL = '''
-import math
-from dataclasses import replace
-
-import torch
-from pytest_ditredundancy.zoo.registry import get_spec, register_model
-
-base = get_spec("tiny-pixart-alpha")
-
-
-def build(seed=0):
-    pipe = base.build(seed)
-    with torch.no_grad():
-        pipe.transformer.transformer_blocks[1].attn1.to_v.weight[0, 0] = math.nan
-    return pipe
-
-
-register_model(replace(base, name="tiny-nan-v-pixart", build=build), replace_existing=True)
-'''
+NAN_V_MODEL = nan_model("tiny-nan-v-pixart", "to_v")
 
 
 def test_the_plugin_prints_the_message_once_per_test(pytester):

@@ -80,7 +80,7 @@ def test_a_trained_model_runs_its_own_prompt_set_unless_told_otherwise():
 
 
 def test_the_plugin_runs_a_protocol_a_conftest_registers(pytester):
-    pytester.makeconftest(f'''
+    pytester.makeconftest('''
 from pytest_ditredundancy.profiling.protocol_registry import register_protocol
 from pytest_ditredundancy.profiling.protocols import Protocol
 
