@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import FileReadError, atomic_write_text, read_json
 from ..capture.profile import RedundancyProfile
+from ..io import FileReadError, atomic_write_text, read_json
 
 SCHEMA = "pytest-ditredundancy/cache-schedule"
 SCHEMA_VERSION = 1

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .assemble import RawRun, RawSeries, assemble_profile
-from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .fused_stats import StepStatistics, default_mode
+from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .profile import RedundancyProfile
 from .sites import DEFAULT_KINDS, CaptureSite, ModuleCall, discover_sites, validate_kinds
 from .tracking import StepTracker, first_tensor

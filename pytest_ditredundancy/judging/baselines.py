@@ -19,8 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .baseline_schema import SchemaProblem, validate_baseline
 from ..io import FileReadError, atomic_write_text, plain, read_json, stale_temporaries, temporary_target, write_target
+from .baseline_schema import SchemaProblem, validate_baseline
 from .tolerances import Tolerance, default_table, resolve
 
 SCHEMA = "pytest-ditredundancy/baseline"

@@ -23,19 +23,19 @@ from typing import Any
 
 import pytest
 
-from ..judging.baselines import BaselineError
-from .checks import SuiteCheck
-from .relay import emit
-from .session import BASELINE_USED_KEY, DitSession
-from ..zoo.registry import ModelSpec
 from ..cache import adherence
 from ..cache.apply import CacheBatchError, UnsupportedStrategy, attention_modules
-from .cache_options import cache_options
 from ..cache.diffusers_cache import strategy_failure
 from ..cache.measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, premise_test, run_once, skipped_fractions, speedup, time_interleaved
 from ..cache.quality import PSNR_CAP, QualityDependencyError, latent_mse, nonfinite_share, psnr, require_scikit_image, spearman, ssim
 from ..cache.schedule import CacheSchedule, ScheduleError, schedule_from_profile
 from ..cache.spec import CacheSpec
+from ..judging.baselines import BaselineError
+from ..zoo.registry import ModelSpec
+from .cache_options import cache_options
+from .checks import SuiteCheck
+from .relay import emit
+from .session import BASELINE_USED_KEY, DitSession
 
 SUITE = "cache_gate"
 #: Half-widths of stored bounds per device class. CPU runs repeat to ~1e-6; on GPUs a cache's skip decisions

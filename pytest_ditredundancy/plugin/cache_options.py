@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from .options import CacheOptions, build
 from ..cache.spec import CacheSpec, CacheSpecError, parse_spec, parse_specs
+from .options import CacheOptions, build
 
 CACHE_OPTIONS_KEY = pytest.StashKey["CacheOptions"]()
 

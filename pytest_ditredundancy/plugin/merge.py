@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..capture.profile import ProfileMetadata, RedundancyProfile
 from ..io import FileReadError, read_json
 from ..judging.baselines import Baseline, BaselineError, BaselineStore, read_baseline_file, safe_name
 from ..judging.suites import SuiteJudge, Verdict, judge_distinctness
-from .options import DitConfig
-from ..capture.profile import ProfileMetadata, RedundancyProfile
+from ..profiling.settings import RunSettings
 from ..report.document import SCHEMA, build_document, write_json
 from ..report.html import write_html
 from ..report.summary import profile_summary
-from ..profiling.settings import RunSettings
+from ..zoo.registry import ModelSpec
+from .options import DitConfig
 from .session import DitSession, PipelineSlot
 from .shard import spec_from_fields
-from ..zoo.registry import ModelSpec
 
 #: run settings every shard must share (batch size, device index and baseline directory may differ)
 AGREE = ("models", "dtype", "prompts", "prompt_source", "num_prompts", "steps", "scheduler", "seed",

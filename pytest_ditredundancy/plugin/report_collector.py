@@ -22,15 +22,15 @@ from typing import Any
 import pytest
 import torch
 
+from ..capture.environment import device_name
 from ..judging.baselines import Baseline, BaselineError, read_baseline_file
 from ..profiling.settings import RunRequest
-from ..capture.environment import device_name
-from .relay import emit
-from .session import DitSession
-from .shard import DEFERRED_KEY, shard_range, spec_fields
 from ..report.document import build_document, config_dict, controller_environment, jsonable, write_json
 from ..report.html import write_html
 from ..report.summary import profile_summary
+from .relay import emit
+from .session import DitSession
+from .shard import DEFERRED_KEY, shard_range, spec_fields
 
 SUMMARY_KEY = "ditredundancy-summary"  # compact per-(model, settings) summary, every test that used it
 PROFILE_KEY = "ditredundancy-shard-profile"  # full per-prompt profile, shard runs, once per worker

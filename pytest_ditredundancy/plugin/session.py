@@ -18,17 +18,17 @@ from typing import Any, Callable, Iterable
 import pytest
 import torch
 
-from ..judging.baselines import BaselineStore, safe_name
 from ..capture.environment import device_class
-from .options import DitConfig
 from ..capture.profile import RedundancyProfile
+from ..judging.baselines import BaselineStore, safe_name
 from ..profiling.protocol_registry import get_protocol
 from ..profiling.protocols import Protocol, ProtocolError
 from ..profiling.runner import run_profile
 from ..profiling.settings import RunRequest, RunSettings, resolve_run
-from .shard import shard_range
 from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_device, resolve_spec
 from ..zoo.registry import ModelSpec, UnknownModelError, get_spec, registered_models, tiny_model_names
+from .options import DitConfig
+from .shard import shard_range
 
 #: keys of a test's data (``relay.emit``): suite records, and baseline files used
 RECORD_KEY = "ditredundancy"

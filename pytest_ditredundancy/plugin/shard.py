@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import pytest
 
-from .relay import emit
 from ..zoo.registry import ModelSpec
+from .relay import emit
 
 #: key (in a test's data, ``relay.emit``) of a suite call a shard deferred to the merge
 DEFERRED_KEY = "ditredundancy-deferred"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ..judging.baselines import relative, stale_baselines
 from ..capture.environment import versions
+from ..judging.baselines import relative, stale_baselines
 from ..report.document import model_of
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
 

@@ -15,14 +15,14 @@ import torch
 
 from ..capture.adapters import DenoisingLoop, profile_loop
 from ..capture.hooks import capture_redundancy
-from .protocol_registry import get_protocol
-from .protocols import Protocol
 from ..capture.profile import RedundancyProfile
-from .schedulers import apply_scheduler, checkpoint_scheduler
-from .settings import RunRequest, RunSettings, resolve_run, settings_for
 from ..capture.sites import DEFAULT_KINDS
 from ..zoo.loading import load_model, resolve_device, resolve_spec, spec_as, spec_of
 from ..zoo.registry import ModelSpec
+from .protocol_registry import get_protocol
+from .protocols import Protocol
+from .schedulers import apply_scheduler, checkpoint_scheduler
+from .settings import RunRequest, RunSettings, resolve_run, settings_for
 
 
 def class_labels_for(prompts: Sequence[str], pipe: Any) -> list[int]:

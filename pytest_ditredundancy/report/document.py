@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from ..judging.verdicts import PAPER_CV_RANGE
 from ..capture.environment import versions
 from ..io import atomic_write_text, plain
+from ..judging.verdicts import PAPER_CV_RANGE
 
 SCHEMA = "pytest-ditredundancy/report"
 SCHEMA_VERSION = 1

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..capture.profile import RedundancyProfile
 from ..judging import statistics as stats
 from ..judging.baselines import Baseline
-from ..capture.profile import RedundancyProfile
 from ..profiling.runner import RunSettings
 
 SUMMARY_METRICS = ("abs_l1", "rel_l1")
