@@ -1,8 +1,7 @@
 """pytest-ditredundancy: the step-to-step redundancy of Diffusion Transformers as regression tests.
 
-Public API::
-
-    from pytest_ditredundancy import load_model, capture_redundancy, profile_model, RedundancyProfile
+Public API, imported from the package itself: ``load_model``, ``capture_redundancy``, ``profile_model``,
+``RedundancyProfile``, ``register_model``, ``register_protocol`` and the other names of ``__all__``.
 
 The names are imported on first use (PEP 562): pytest imports this package for its plugin entry point in
 every test run of the environment, and a run that does not use the plugin must not pay for torch.

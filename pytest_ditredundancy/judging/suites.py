@@ -108,10 +108,15 @@ class SuiteJudge:
         """Run ``suite`` (one of :data:`SUITES`); what it recorded, warned and used goes into the verdict."""
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; the suites are {', '.join(SUITES)}")
+        return self.call(lambda: getattr(self, suite)(*args, **kwargs))
+
+    def call(self, work: Callable[[], Any]) -> Verdict:
+        """Run ``work`` (a suite, or a piece of one that another check shares, like :meth:`baseline`) into a
+        verdict holding what it recorded, warned and used."""
         self.records, self.warnings, self.baselines_used = [], [], []
         verdict = Verdict("passed", records=self.records, warnings=self.warnings,
                           baselines_used=self.baselines_used)
-        _concluded(lambda: getattr(self, suite)(*args, **kwargs), verdict)
+        _concluded(work, verdict)
         self.records, self.warnings, self.baselines_used = [], [], []  # the verdict keeps them
         return verdict
 

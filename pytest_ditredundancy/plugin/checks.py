@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from ..judging.baselines import Baseline
-from ..judging.suites import (PAPER_CV_RANGE, DitBaselineWarning, DitClaimWarning, SuiteFailed, SuiteJudge,
-                              SuiteSkipped, Verdict, judge_distinctness)
+from ..judging.suites import (PAPER_CV_RANGE, DitBaselineWarning, DitClaimWarning, SuiteJudge, Verdict,
+                              judge_distinctness)
 from ..zoo.registry import ModelSpec
 from .relay import emit
 from .session import BASELINE_USED_KEY, RECORD_KEY, DitSession
@@ -97,23 +97,8 @@ class SuiteCheck:
         """One finding of another check (the cache gate) for the report, in the suites' record format."""
         self._plumbing(lambda: self.judge.record(suite, statistic, value, bounds, passed, **details))
 
-    def _plumbing(self, call: Any) -> Any:
-        try:
-            value = call()
-        except SuiteFailed as exc:  # from None: pytest would print the message once per chained exception
-            raise pytest.fail.Exception(str(exc), pytrace=False) from None
-        except SuiteSkipped as exc:
-            raise pytest.skip.Exception(str(exc)) from None
-        for record in self.judge.records:
-            emit(self.item, RECORD_KEY, record)
-        for path in self.judge.baselines_used:
-            emit(self.item, BASELINE_USED_KEY, path)
-        for warning in self.judge.warnings:
-            warnings.warn(warning, stacklevel=4)
-        self.judge.records.clear()
-        self.judge.baselines_used.clear()
-        self.judge.warnings.clear()
-        return value
+    def _plumbing(self, work: Any) -> Any:
+        return conclude(self.item, self.judge.call(work), stacklevel=5)
 
 
 def model_distinctness(session: DitSession, item: Any) -> Any:

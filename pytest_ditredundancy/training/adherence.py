@@ -4,9 +4,8 @@ The shipped attribute classifier reads each image; a sample is correct on an att
 reading equals the caption's value. ``score`` returns accuracy per attribute and the per-sample booleans, so a
 cache gate can compare two runs sample by sample (a cache that keeps PSNR but loses the prompt shows up here).
 
-Example::
+Example (``score`` from this module)::
 
-    from pytest_ditredundancy.training.adherence import score
     images = pipe(captions, output_type="np", ...).images
     result = score(images, captions)
     result.accuracy["colour"], result.correct["shape"]          # 0.95, array([True, False, ...])
