@@ -71,7 +71,11 @@ QUICK = Config("quick-4x128-64tok", layers=4, heads=2, head_dim=64, latent=16, p
                guidance_scale=1.0, dtype="float32", repeats=5, memory_steps=(10, 20, 50), batch_prompts=8,
                batch_steps=4, batch_repeats=3)
 
-TARGETS = {"overhead_cpu": 1.03, "overhead_cuda": 1.01, "memory_flat": 0.05, "memory_vs_step": 1.10,
+#: Issue 21: the default capture <= 1.05x a plain run on CPU (best of 11 per process) and on CUDA at one prompt,
+#: <= 1.03x on CUDA at 8 prompts, at most 4.5% of a plain step inside the capture's hooks on CPU; memory up to
+#: one step's captured tensors plus one call's (memory mode fast: 2x for a one-call-per-step model).
+TARGETS = {"overhead_cpu": 1.05, "overhead_cuda": 1.05, "overhead_cuda_batched": 1.03, "hook_share_cpu": 0.045,
+           "memory_flat": 0.05, "memory_vs_step": 2.10,
            "batching": 2.0, "vs_reference": 0.9, "agreement_rtol": 1e-4}
 
 
@@ -106,11 +110,11 @@ def call_kwargs(cfg: Config, prompts: list[str], steps: int, seed: int = 0, **ex
                 generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))], **extra)
 
 
-def capture(pipe, cfg: Config, stats: str | None = None):
-    """Our capture (``stats``: fused/eager/auto step statistics). PixArt's pipeline does not expose whether
-    guidance is on, so the layout is given."""
+def capture(pipe, cfg: Config, stats: str | None = None, memory: str | None = None):
+    """Our capture (``stats``: fused/eager/auto step statistics; ``memory``: fast/low/auto). PixArt's pipeline
+    does not expose whether guidance is on, so the layout is given."""
     return capture_redundancy(pipe, branch_layout="batched-uncond-cond" if cfg.guidance_scale > 1 else "single",
-                              stats=stats)
+                              stats=stats, memory=memory)
 
 
 # -- measuring -----------------------------------------------------------------------------------------------

@@ -70,3 +70,21 @@ def drop_failure(result: AdherenceResult, device_class: str) -> str | None:
     lost = ", ".join(f"{name} {count}" for name, count in result.lost.items() if count) or "none"
     return (f"  prompt adherence {result.cached:.3g} cached vs {result.reference:.3g} uncached (more than {allowed:g} "
             f"lower; samples that lost an attribute: {lost}): the cache loses the prompt, whatever its PSNR")
+
+
+def retention(prompts: Sequence[str], reference_images: Any, cached_images: Any) -> float:
+    """Share of the samples the uncached run gets right (shape and colour) that the cached run still gets right:
+    the tuning floor ``adherence`` (1.0: the cache loses no sample)."""
+    from ..training.adherence import score
+
+    try:
+        reference, cached = score(reference_images, prompts), score(cached_images, prompts)
+    except ValueError as exc:
+        raise AdherenceError(
+            f"prompt adherence cannot be scored ({exc}); the trained models are gated on captions of their "
+            "shapes data: run them with --dit-prompts=shapes") from None
+    right = reference.all_correct
+    if not right.any():
+        raise AdherenceError("the uncached run gets no sample right (shape and colour), so an adherence floor has "
+                             "nothing to keep; use more prompts or drop the adherence floor")
+    return float((right & cached.all_correct).sum() / right.sum())

@@ -1,12 +1,9 @@
-"""Running a pipeline with a caching strategy: step tracking, the profile schedule's reuse hooks, cleanup.
+"""Running a pipeline with a caching strategy: step tracking, the strategy's engine, cleanup.
 
 :class:`~pytest_ditredundancy.cache.base.RunTracker` finds run, step and call boundaries with the capture's own
 :class:`~pytest_ditredundancy.capture.tracking.StepTracker` (one count of calls per step for both) and keeps
-the final latents. :class:`ScheduleApplier` puts a diffusers ``ModelHook`` with ``new_forward`` on every
-attention module: where the schedule says so it returns the cached output *without calling the module*
-(the work is really skipped). Caches are keyed by (layer, call index within
-the step), so CFG branches run as separate calls never share an entry; they are dropped at every run start
-and on exit, so nothing leaks from one prompt batch into the next. :func:`applied` installs a strategy and
+the final latents. :func:`applied` resolves the strategy's engine once (:func:`~.engines.engine_of`), installs
+the applier it makes (the profile schedule's reuse hooks in :mod:`.reuse`, diffusers' caches, cache-dit) and
 removes every hook and wrapper on exit, also when the pipeline raises.
 """
 
@@ -14,133 +11,38 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import numpy as np
-import torch
 from torch import nn
 
 from ..capture.tracking import first_tensor
 from .base import CacheBatchError, RunTracker, UnsupportedStrategy, attention_modules
-from .schedule import CacheSchedule, ScheduleError
+from .engines import CacheEngine, engine_of
+from .reuse import ScheduleApplier
+from .schedule import CacheSchedule
 from .spec import CacheSpec
 
-
-def _clone(output: Any) -> Any:
-    if isinstance(output, tuple):
-        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in output)
-    return output.clone() if isinstance(output, torch.Tensor) else output
-
-
-@dataclass
-class _Entry:
-    """A cached output. By reference (no copy) unless the model was seen to modify outputs in place; then a
-    private copy is kept and each reuse hands out a fresh clone of it."""
-
-    output: Any
-    batch: int
-    versions: list[tuple[torch.Tensor, int]]
-    copy: bool = False
-
-    @classmethod
-    def of(cls, output: Any, batch: int, copy: bool) -> "_Entry":
-        if copy:
-            output = _clone(output)
-        tensors = output if isinstance(output, tuple) else (output,)
-        return cls(output, batch, [(t, t._version) for t in tensors if isinstance(t, torch.Tensor)], copy)
-
-    def intact(self) -> bool:
-        return all(t._version == v for t, v in self.versions)
-
-    def reuse(self) -> Any:
-        return _clone(self.output) if self.copy else self.output
-
-
-class ScheduleApplier:
-    """Applies a :class:`CacheSchedule`: skipped (layer, step) cells return the previous step's output."""
-
-    HOOK = "ditredundancy_cache_schedule"
-
-    def __init__(self, tracker: RunTracker, schedule: CacheSchedule) -> None:
-        self.tracker = tracker
-        self.schedule = schedule
-        self.modules = attention_modules(tracker.transformer)
-        schedule.validate([name for name, _ in self.modules])
-        self.mask = schedule.array
-        self.cache: dict[tuple[int, int], _Entry] = {}
-        self.copies: set[int] = set()
-        self.skipped = 0
-        self.computed = 0
-        self.skipped_cells = np.zeros(self.mask.shape, dtype=np.int64)
-
-    def install(self) -> None:
-        from diffusers.hooks import HookRegistry, ModelHook
-
-        applier = self
-
-        class ReuseHook(ModelHook):
-            """Returns the cached output instead of calling the attention module where the mask says so."""
-
-            def __init__(self, index: int) -> None:
-                super().__init__()
-                self.index = index
-
-            def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return applier.forward(self.index, self.fn_ref.original_forward, args, kwargs)
-
-        self.tracker.run_starts.append(self.reset)
-        for index, (_, module) in enumerate(self.modules):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(ReuseHook(index), self.HOOK)
-
-    def remove(self) -> None:
-        for _, module in self.modules:
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(self.HOOK) is not None:
-                registry.remove_hook(self.HOOK, recurse=False)
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache.clear()
-
-    @property
-    def total_calls(self) -> int:
-        return self.skipped + self.computed
-
-    def forward(self, index: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        step, call = self.tracker.step, self.tracker.call_index
-        hidden = first_tensor(args, kwargs)
-        batch = int(hidden.shape[0]) if hidden is not None and hidden.dim() else 1
-        entry = self.cache.get((index, call)) if call is not None else None
-        if entry is not None and step < self.mask.shape[1] and self.mask[index, step]:
-            if entry.batch != batch:
-                raise CacheBatchError(
-                    f"cache schedule: layer {self.modules[index][0]} (call {call} of step {step}) has batch {batch}, "
-                    f"its cached output has batch {entry.batch}; a cached attention output is never reused across "
-                    "batch sizes (does the pipeline change its CFG batching within a run?)")
-            if entry.intact():
-                self.skipped += 1
-                self.skipped_cells[index, step] += 1
-                return entry.reuse()
-            self.copies.add(index)  # the model modified the output in place: keep copies from now on
-        output = original(*args, **kwargs)
-        self.computed += 1
-        if call is not None:
-            self.cache[(index, call)] = _Entry.of(output, batch, copy=index in self.copies)
-        return output
+# names other modules import from here
+__all__ = ["Applied", "CacheBatchError", "RunTracker", "ScheduleApplier", "UnsupportedStrategy", "applied",
+           "attention_modules", "first_tensor"]
 
 
 @dataclass
 class Applied:
-    """What a run under a strategy exposes: the tracker and the strategy's own counters."""
+    """What a run under a strategy exposes: the tracker, the engine and its applier's own record."""
 
     spec: CacheSpec | None
     tracker: RunTracker
     applier: Any = None
+    engine: CacheEngine | None = None
 
     def counters(self) -> dict[str, Any]:
-        if isinstance(self.applier, ScheduleApplier):
-            return {"skipped_calls": self.applier.skipped, "total_calls": self.applier.total_calls}
-        return {}
+        """The applier's counters, plain builtins (``{}`` without a strategy)."""
+        return self.applier.counters() if self.applier is not None else {}
+
+    def skipped_steps(self) -> list[int] | None:
+        """Steps at which the strategy says it reused cached work (``[]`` without one; ``None``: it cannot tell)."""
+        return self.applier.skipped_steps() if self.applier is not None else []
 
 
 @contextlib.contextmanager
@@ -149,25 +51,20 @@ def applied(pipe: Any, spec: CacheSpec | None, *, schedule: CacheSchedule | None
     """Run ``pipe`` calls inside the block with ``spec`` applied (``None``/``none``: tracking only).
 
     ``schedule`` is required for ``profile`` specs; ``context`` (a
-    :class:`~pytest_ditredundancy.cache.diffusers_cache.StrategyContext`) for diffusers strategies.
+    :class:`~pytest_ditredundancy.cache.diffusers_cache.StrategyContext`) for diffusers strategies (cache-dit
+    uses it to check and describe how CFG reaches the transformer).
     Everything installed is removed on exit, whatever happens inside.
     """
     if not isinstance(getattr(pipe, "transformer", None), nn.Module) or getattr(pipe, "scheduler", None) is None:
         raise UnsupportedStrategy(f"{type(pipe).__name__} is not a diffusers pipeline with a transformer and a "
                                   "scheduler; caching strategies are applied to those only")
+    engine = engine_of(spec)
     with RunTracker(pipe) as tracker:
-        handle = Applied(spec, tracker)
-        if spec is None or spec.strategy == "none":
+        handle = Applied(spec, tracker, engine=engine)
+        handle.applier = engine.applier(tracker, spec, schedule=schedule, context=context)
+        if handle.applier is None:
             yield handle
             return
-        if spec.strategy == "profile":
-            if schedule is None:
-                raise ScheduleError("the profile strategy needs a schedule")
-            handle.applier = ScheduleApplier(tracker, schedule)
-        else:
-            from .diffusers_cache import DiffusersCacheApplier
-
-            handle.applier = DiffusersCacheApplier(tracker, spec, context)
         try:
             handle.applier.install()
             yield handle

@@ -1,11 +1,13 @@
 """What every caching strategy builds on: the run tracker, the attention modules a cache may skip, the errors.
 
-Both appliers (the profile schedule in :mod:`.apply`, diffusers' hooks in :mod:`.diffusers_cache`) import it,
-so neither imports the other.
+Every engine's applier (the profile schedule in :mod:`.reuse`, diffusers' hooks in :mod:`.diffusers_cache`,
+cache-dit in :mod:`.cachedit`) imports it, so none imports another.
 """
 
 from __future__ import annotations
 
+import traceback
+from pathlib import PurePath
 from typing import Any, Callable
 
 import torch
@@ -22,6 +24,39 @@ class CacheBatchError(RuntimeError):
 
 class UnsupportedStrategy(Exception):
     """The model cannot run this strategy; the message says why (the suite skips with it)."""
+
+
+class CacheParameterError(ValueError):
+    """A strategy parameter the user gave that does not fit this model (more compute blocks than it has, a CFG
+    mode it does not run): unlike :class:`UnsupportedStrategy` the request itself is wrong, so the gate fails."""
+
+
+class CacheDependencyError(ImportError):
+    """The package a requested strategy runs on is missing, or its version is outside the tested range; the
+    message names the install command."""
+
+
+def raised_under(exc: BaseException, package: tuple[str, ...], skip_files: tuple[str, ...] = ()) -> str | None:
+    """Where ``exc`` was raised, for an exception a cache made the pipeline raise: ``"Type: message (raised
+    under <package path>:line)"`` when a frame lies in ``package`` (path parts, e.g. ``("diffusers", "hooks")``;
+    files named in ``skip_files`` do not count), else ``"... (at <file>:line)"`` of the innermost frame.
+    ``None`` when the innermost frame is this package's own code: a bug here, never the cache's limitation."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames or "pytest_ditredundancy" in PurePath(frames[-1].filename).parts:
+        return None
+
+    def inside(filename: str) -> bool:
+        parts = PurePath(filename.replace("\\", "/")).parts
+        width = len(package)
+        return (PurePath(filename).name not in skip_files
+                and any(parts[i:i + width] == package for i in range(len(parts) - width + 1)))
+
+    matched = [f for f in frames if inside(f.filename)]
+    where = (matched or frames)[-1]
+    parts = PurePath(where.filename).parts
+    root = package[0]
+    short = "/".join(parts[parts.index(root):]) if root in parts else PurePath(where.filename).name
+    return f"{type(exc).__name__}: {exc} ({'raised under' if matched else 'at'} {short}:{where.lineno})"
 
 
 def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:

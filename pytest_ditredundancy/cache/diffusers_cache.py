@@ -24,7 +24,7 @@ from torch import nn
 
 from ..profiling.runner import RunSettings
 from ..zoo.registry import ModelSpec
-from .base import RunTracker, UnsupportedStrategy, attention_modules
+from .base import RunTracker, UnsupportedStrategy, attention_modules, raised_under
 from .spec import CacheSpec
 
 #: diffusers' video transformers whose output is [B, F, C, H, W]; other 5-D outputs are [B, C, F, H, W]
@@ -235,6 +235,12 @@ class DiffusersCacheApplier:
 
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
 
+    def counters(self) -> dict[str, Any]:
+        return {}  # diffusers' hooks count nothing; the gate's compute counters measure what they skip
+
+    def skipped_steps(self) -> None:
+        return None  # diffusers' hooks keep no record of the steps they skipped
+
     def remove(self) -> None:
         from diffusers.hooks import HookRegistry
 
@@ -282,15 +288,4 @@ def strategy_failure(exc: BaseException) -> str | None:
     """Describe an exception raised while a diffusers cache ran a pipeline whose uncached run succeeded: the
     cache does not handle this model (FBCache on SD3's last block, PAB sharing one state across Lumina2's CFG
     calls of different lengths, ...). ``None`` when it was raised in this package's own code (a bug here)."""
-    import traceback
-    from pathlib import PurePath
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames or "pytest_ditredundancy" in PurePath(frames[-1].filename).parts:
-        return None
-    hooks = [f for f in frames if "/diffusers/hooks/" in f.filename.replace("\\", "/")
-             and PurePath(f.filename).name != "hooks.py"]
-    where = (hooks or frames)[-1]
-    parts = PurePath(where.filename).parts
-    short = "/".join(parts[parts.index("diffusers"):]) if "diffusers" in parts else PurePath(where.filename).name
-    return f"{type(exc).__name__}: {exc} ({'raised under' if hooks else 'at'} {short}:{where.lineno})"
+    return raised_under(exc, ("diffusers", "hooks"), skip_files=("hooks.py",))

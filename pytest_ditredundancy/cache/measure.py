@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..profiling.schedulers import apply_scheduler
 from ..zoo.registry import ModelSpec
 from .apply import applied, attention_modules, first_tensor
 from .diffusers_cache import StrategyContext
+from .engines import merge_counters
 from .quality import as_images, latent_mse
 from .schedule import CacheSchedule, probe_cells, single_cell, with_budget
 from .spec import CacheSpec
@@ -33,11 +34,13 @@ from .undo import Reversible
 class ComputeCounter(Reversible):
     """Counts attention rows/calls and linear MACs of a transformer while installed (a context manager)."""
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: nn.Module, step_of: Callable[[], int] | None = None) -> None:
         self.transformer = transformer
         self.attention_rows = 0
         self.attention_calls = 0
         self.linear_macs = 0
+        self.step_of = step_of  # the running denoising step, for the per-step attention calls
+        self.calls_per_step: list[int] = []
         super().__init__()
 
     def install(self) -> None:
@@ -61,6 +64,11 @@ class ComputeCounter(Reversible):
     def _count_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = first_tensor(args, kwargs)
         self.attention_calls += 1
+        if self.step_of is not None:
+            step = self.step_of()
+            if step >= len(self.calls_per_step):
+                self.calls_per_step.extend([0] * (step + 1 - len(self.calls_per_step)))
+            self.calls_per_step[step] += 1
         self.attention_rows += int(hidden.shape[0]) if hidden is not None and hidden.dim() else 1
 
     def _count_linear(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -80,6 +88,8 @@ class RunResult:
     attention_calls: int = 0
     linear_macs: int = 0
     strategy: dict[str, Any] = field(default_factory=dict)
+    #: attention calls per denoising step, summed over prompt batches (counted runs only)
+    attention_calls_per_step: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +106,25 @@ class RunPlan:
     def context(self, **overrides: Any) -> StrategyContext:
         return StrategyContext(self.model, self.settings, **overrides)
 
+    # Everything the cache gate and the tuning ask of a plan goes through these three methods, so a plan
+    # whose pipeline lives elsewhere (another process, another machine) can stand in for this one.
+    def run(self, spec: CacheSpec | None = None, *, schedule: CacheSchedule | None = None,
+            context: StrategyContext | None = None, count: bool = False) -> "RunResult":
+        """One pass over the prompts with ``spec`` applied (see :func:`run_once`)."""
+        return run_once(self, spec, schedule=schedule, context=context, count=count)
+
+    def layer_names(self) -> list[str]:
+        """The attention layers a schedule addresses, in registration order."""
+        return [name for name, _ in attention_modules(self.pipe.transformer)]
+
+    def calibrate_magcache(self, spec: CacheSpec) -> list[float]:
+        """MagCache's magnitude ratios for this plan (see :func:`calibrate_magcache`)."""
+        return calibrate_magcache(self, spec)
+
+    def at(self, settings: RunSettings) -> "RunPlan":
+        """The same plan at other settings (a step-count or scheduler variant)."""
+        return replace(self, settings=settings)
+
 
 def _decoded(output: Any) -> Any:
     for name in ("images", "frames", "videos"):
@@ -110,6 +139,7 @@ def run_once(plan: RunPlan, spec: CacheSpec | None = None, *, schedule: CacheSch
     """Run every prompt (prompt ``i`` seeded ``seed + i``) with ``spec`` applied; decode to images."""
     images, latents, seconds = [], [], 0.0
     totals = {"attention_rows": 0, "attention_calls": 0, "linear_macs": 0}
+    per_step: list[int] = []
     strategy: dict[str, Any] = {}
     context = context or plan.context()
     for start, batch in batched(list(plan.prompts), plan.batch_size):
@@ -117,8 +147,10 @@ def run_once(plan: RunPlan, spec: CacheSpec | None = None, *, schedule: CacheSch
         generators = [torch.Generator("cpu").manual_seed(plan.seed + start + i) for i in range(len(batch))]
         kwargs = call_kwargs(plan.model, plan.settings, batch, plan.pipe, generators)
         kwargs["output_type"] = "np"
-        counter = ComputeCounter(plan.pipe.transformer) if count else contextlib.nullcontext()
-        with counter, applied(plan.pipe, spec, schedule=schedule, context=context) as handle:
+        counter = ComputeCounter(plan.pipe.transformer) if count else None
+        with counter or contextlib.nullcontext(), applied(plan.pipe, spec, schedule=schedule, context=context) as handle:
+            if counter is not None:  # installed first, so under the strategy's hooks: a skipped call is not counted
+                counter.step_of = lambda: handle.tracker.step
             started = time.perf_counter()
             output = plan.pipe(**kwargs)
             seconds += time.perf_counter() - started
@@ -129,12 +161,16 @@ def run_once(plan: RunPlan, spec: CacheSpec | None = None, *, schedule: CacheSch
             raise RuntimeError(f"{plan.model.name}: the scheduler never stepped, so there are no final latents")
         images.append(as_images(_decoded(output)))
         latents.append(final.float().cpu())
-        for name, value in handle.counters().items():
-            strategy[name] = strategy.get(name, 0) + value
-        if count:
+        strategy = merge_counters(strategy, handle.counters())  # numbers add; per-run lists concatenate
+        if counter is not None:
             for name in totals:
                 totals[name] += getattr(counter, name)
-    return RunResult(np.concatenate(images), torch.cat(latents), seconds, strategy=strategy, **totals)
+            for step, calls in enumerate(counter.calls_per_step):
+                if step >= len(per_step):
+                    per_step.append(0)
+                per_step[step] += calls
+    return RunResult(np.concatenate(images), torch.cat(latents), seconds, strategy=strategy,
+                     attention_calls_per_step=per_step, **totals)
 
 
 def skipped_fractions(reference: RunResult, cached: RunResult) -> dict[str, float]:

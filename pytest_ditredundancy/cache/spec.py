@@ -3,7 +3,8 @@
 A spec is ``name`` or ``name:key=value,key=value``. Unknown strategies, unknown parameters and values of
 the wrong type or range are errors that list what exists, so a typo never silently tests the wrong thing.
 The parameter tables are static (parsing happens at configure time, before diffusers is imported); the
-diffusers-backed names are the fields of diffusers' config classes, and a test keeps them in step.
+diffusers-backed names are the fields of diffusers' config classes, and a test keeps them in step. Each
+strategy names the engine that runs it (``engine``: a key of :data:`~pytest_ditredundancy.cache.engines.ENGINES`).
 """
 
 from __future__ import annotations
@@ -81,12 +82,25 @@ def _budget(text: str) -> float:
     return value
 
 
+def _limit(text: str) -> int:
+    """cache-dit's step limits: -1 for no limit, else a count of steps (0: never cache)."""
+    value = _int(text)
+    if value < -1:
+        raise ValueError(f"expected -1 (no limit) or a number of steps >= 0, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
     summary: str
     params: dict[str, Callable[[str], Any]]
     diffusers_config: str | None = None  # the diffusers config class it builds, if any
+    engine: str = ""  # what runs it: a key of cache.engines.ENGINES
+
+    def __post_init__(self) -> None:
+        if not self.engine:
+            raise ValueError(f"strategy {self.name!r} names no engine (none, profile, diffusers, cachedit, ...)")
 
 
 _POSITIVE_INT = _at_least(1, _int)
@@ -99,27 +113,34 @@ _PAB_FASTER_COMMON = {
 }
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
-    Strategy("none", "no caching: the uncached run against itself (a sanity check of the gate)", {}),
+    Strategy("none", "no caching: the uncached run against itself (a sanity check of the gate)", {}, engine="none"),
     Strategy("profile", "ours: a static layer x step reuse schedule derived from the redundancy profile",
-             {"budget": _budget, "threshold": _NON_NEGATIVE, "schedule": str}),
-    Strategy("fbcache", "diffusers First Block Cache", {"threshold": _NON_NEGATIVE}, "FirstBlockCacheConfig"),
+             {"budget": _budget, "threshold": _NON_NEGATIVE, "schedule": str}, engine="profile"),
+    Strategy("fbcache", "diffusers First Block Cache", {"threshold": _NON_NEGATIVE}, "FirstBlockCacheConfig",
+             engine="diffusers"),
     Strategy("pab", "diffusers Pyramid Attention Broadcast", {
         **_PAB_FASTER_COMMON, "cross_attention_block_skip_range": _POSITIVE_INT,
-        "cross_attention_timestep_skip_range": _range}, "PyramidAttentionBroadcastConfig"),
+        "cross_attention_timestep_skip_range": _range}, "PyramidAttentionBroadcastConfig", engine="diffusers"),
     Strategy("fastercache", "diffusers FasterCache (attention reuse plus CFG-cache of the unconditional branch)", {
         **_PAB_FASTER_COMMON, "low_frequency_weight_update_timestep_range": _range,
         "high_frequency_weight_update_timestep_range": _range, "alpha_low_frequency": _float,
         "alpha_high_frequency": _float, "unconditional_batch_skip_range": _POSITIVE_INT,
         "unconditional_batch_timestep_skip_range": _range, "tensor_format": _choice("BCHW", "BFCHW", "BCFHW"),
-        "is_guidance_distilled": _bool, "attention_weight": _float}, "FasterCacheConfig"),
+        "is_guidance_distilled": _bool, "attention_weight": _float}, "FasterCacheConfig", engine="diffusers"),
     Strategy("magcache", "diffusers MagCache (magnitude ratios calibrated on the uncached run, or Flux's)", {
         "threshold": _NON_NEGATIVE, "max_skip_steps": _POSITIVE_INT, "retention_ratio": _at_least(0.0, _float),
-        "mag_ratios": _choice("calibrate", "flux")}, "MagCacheConfig"),
+        "mag_ratios": _choice("calibrate", "flux")}, "MagCacheConfig", engine="diffusers"),
     Strategy("taylorseer", "diffusers TaylorSeer (Taylor-series forecast of attention outputs)", {
         "cache_interval": _POSITIVE_INT, "disable_cache_before_step": _at_least(0, _int),
         "disable_cache_after_step": _at_least(0, _int), "max_order": _at_least(0, _int),
         "taylor_factors_dtype": _choice("float32", "float16", "bfloat16"), "use_lite_mode": _bool},
-        "TaylorSeerCacheConfig"),
+        "TaylorSeerCacheConfig", engine="diffusers"),
+    Strategy("cachedit", "cache-dit's DBCache: the first Fn blocks decide from their residual's change (rdt) whether "
+             "the middle blocks are reused; optional TaylorSeer forecast", {
+        "Fn": _POSITIVE_INT, "Bn": _at_least(0, _int), "rdt": _NON_NEGATIVE, "warmup": _at_least(0, _int),
+        "warmup_interval": _POSITIVE_INT, "max_cached_steps": _limit, "max_continuous_cached_steps": _limit,
+        "max_accumulated_rdt": _NON_NEGATIVE, "taylorseer": _at_least(0, _int), "separate_cfg": _bool},
+        engine="cachedit"),
 ]}
 
 #: parameters we add on top of a diffusers config's fields (mapped to callbacks or ratio tables)

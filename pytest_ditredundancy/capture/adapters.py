@@ -130,14 +130,15 @@ def profile_loop(loop: DenoisingLoop, prompts: Sequence[str], *, steps: int, see
                  model_name: str | None = None, progress: Callable[[int, int, float], None] | None = None,
                  prompt_offset: int = 0, run_kwargs: dict[str, Any] | None = None,
                  sites: Sequence[CaptureSite] | None = None, same_seed: bool = False, whole_batch: bool = False,
-                 generator_device: str | torch.device = "cpu", **metadata: Any) -> RedundancyProfile:
+                 generator_device: str | torch.device = "cpu", memory: str | None = None,
+                 **metadata: Any) -> RedundancyProfile:
     """Run ``prompts`` through ``loop`` in batches under a capture and return the profile.
 
     Prompt ``i`` gets ``torch.Generator("cpu").manual_seed(seed + prompt_offset + i)`` whatever its batch
     (``same_seed``: ``seed`` for every prompt, as the redundancy study ran; ``generator_device``: where the
     generators live). ``guidance_scale`` ``None`` uses the loop's default; ``<= 1`` profiles the single
     conditional branch. ``run_kwargs`` go to every ``loop.run`` call; ``sites`` replaces ``loop.sites()``;
-    ``whole_batch`` as in :func:`~pytest_ditredundancy.capture_redundancy`; ``metadata`` fills further
+    ``whole_batch`` and ``memory`` as in :func:`~pytest_ditredundancy.capture_redundancy`; ``metadata`` fills further
     :class:`~pytest_ditredundancy.capture.profile.ProfileMetadata` fields.
     """
     if not isinstance(loop, DenoisingLoop):
@@ -158,7 +159,8 @@ def profile_loop(loop: DenoisingLoop, prompts: Sequence[str], *, steps: int, see
     guided = scale is None or scale > 1
     layout = loop.branch_layout if guided else "single"
     started, done = time.perf_counter(), 0
-    with capture_redundancy(loop.transformer, sites=sites, branch_layout=layout, whole_batch=whole_batch) as cap:
+    with capture_redundancy(loop.transformer, sites=sites, branch_layout=layout, whole_batch=whole_batch,
+                            memory=memory) as cap:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             generators = [torch.Generator(generator_device).manual_seed(seed if same_seed else seed + prompt_offset + start + i)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .metrics import ABS_SUM, DIFF_L2, METRICS, NORM, metrics_from_stats
 from .profile import ProfileMetadata, RedundancyProfile
@@ -276,3 +277,26 @@ def _metadata(runs: Sequence[RawRun], steps: int, prompts: list[str], context: A
         if value is not None:
             setattr(meta, key, value)
     return meta
+
+
+def to_host(tensors: list[torch.Tensor]) -> list:
+    """Move all stats to the host with one transfer per device."""
+    out: list = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu().numpy()
+        offset = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].reshape(tuple(tensors[i].shape))
+            offset += n
+    return out
+
+
+def timesteps_to_floats(values: list[Any]) -> list[float | None]:
+    """The run's timesteps as floats, the tensors among them read back in one transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    flat = iter(torch.stack([t.float().reshape(-1)[0] for t in tensors]).cpu().tolist()) if tensors else iter(())
+    return [next(flat) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]

@@ -5,7 +5,8 @@ reductions and their temporaries); the previous step's ``p`` comes from DRAM eve
 expression, inductor fuses the five row reductions into one loop that reads ``x`` and ``p`` once and writes
 nothing but the ``(5, rows)`` result: a C++/OpenMP kernel on CPU (needs a C++ compiler), a Triton kernel on
 CUDA. One kernel is compiled per shape, strides, dtype and device and shared by every capture of the process
-(a model has a handful of distinct K/V/A shapes).
+(a model has a handful of distinct K/V/A shapes); :mod:`~pytest_ditredundancy.capture.batched_stats` compiles
+one such kernel over all the tensors of a transformer call.
 
 :class:`StepStatistics` chooses per call: the fused kernel where it is enabled and worth it, the eager path
 otherwise, and for good after a compilation failure (the reason is kept). What ran is counted, so the profile
@@ -87,6 +88,16 @@ class StepStatistics:
         self.calls["eager"] += 1
         return step_stats(current, previous, rows)
 
+    def fuses_on(self, device: torch.device) -> bool:
+        """Whether this capture may run fused kernels on ``device`` at all (size rules aside)."""
+        if self.fallback_reason is not None or self.mode == "eager":
+            return False
+        if device.type == "cpu":
+            if self.cpu_compiler is None:
+                self.cpu_compiler = cpu_compiler_available()
+            return self.cpu_compiler
+        return device.type == "cuda"
+
     def _use_fused(self, tensor: torch.Tensor) -> bool:
         if self.fallback_reason is not None or self.mode == "eager":
             return False
@@ -137,16 +148,37 @@ def compile_fused(x: torch.Tensor, p: torch.Tensor) -> Callable[[list], tuple]:
     The graph goes straight to inductor's graph compiler (what ``torch.compile`` ends in): the frame-evaluation
     and autograd wrappers ``torch.compile`` puts around a compiled function cost about 100 µs per call on a
     CPU, more than the whole fused reduction of a 100k-element tensor. The kernel asserts the shape and
-    strides it was built for, and inductor's on-disk cache makes a later process's compilation cheap.
+    strides it was built for (:func:`compile_graph`).
     """
-    from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (x, p)]
     with torch.no_grad():
-        graph = make_fx(lambda a, b: (_fused_rows(a, b),), decomposition_table=select_decomp_table())(x, p)
-        kernel = compile_fx_inner(graph, [x, p])
-        kernel([x, p])  # the first call loads the compiled module; failures surface here, not in a hook later
+        graph = make_fx(lambda a, b: (_fused_rows(a, b),), decomposition_table=select_decomp_table())(*meta)
+    for node in graph.graph.nodes:
+        node.meta = {}  # traced on meta tensors; inductor propagates the real device's fake values itself
+    graph.recompile()
+    return compile_graph(graph, [x, p])
+
+
+def compile_graph(graph: torch.fx.GraphModule, example: list[torch.Tensor]) -> Callable[[list], tuple]:
+    """Compile an ATen graph with inductor's graph compiler, specialised to ``example``'s shapes and strides.
+
+    The compilation runs under a tracing context with a fake-tensor mode and a shape environment: without
+    one, inductor bypasses its on-disk FX graph cache ("No shape env") and every process pays the whole
+    compilation again (only the C++/Triton build is cached then). The first call happens here, so a failure
+    surfaces now and not inside a hook later. The kernel empties the input list it is given."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    with torch.no_grad():
+        with tracing(TracingContext(fake)):
+            kernel = compile_fx_inner(graph, [fake.from_tensor(t, static_shapes=True) for t in example])
+        kernel(list(example))
     return kernel
 
 

@@ -7,8 +7,10 @@ size). Everything is removed on exit, also when the pipeline raises.
 
 Per series only the previous step's tensor is kept (a reference, not a copy, unless the model later
 mutates it in place: the tensor version counter tells, and the series switches to copies). Each step is
-reduced on the device to five numbers per sample (:func:`pytest_ditredundancy.capture.metrics.step_stats`);
-nothing leaves the device until :meth:`RedundancyCapture.profile`, which does one transfer. Each recorded tensor
+reduced on the device to five numbers per sample (:func:`pytest_ditredundancy.capture.metrics.step_stats`):
+per tensor in its hook, or (memory mode ``fast``) all tensors of a transformer call at once when the call
+returns (:mod:`pytest_ditredundancy.capture.batched_stats`). Nothing leaves the device until
+:meth:`RedundancyCapture.profile`, which does one transfer. Each recorded tensor
 also gets its place in the order the hooks fired: with the tensor's own sums (non-finite when it holds a NaN or
 inf) that names the first non-finite activation after the run, at no cost during it.
 """
@@ -24,7 +26,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .assemble import RawRun, RawSeries, assemble_profile
+from .assemble import RawRun, RawSeries, assemble_profile, timesteps_to_floats, to_host
+from .batched_stats import CallBatch, MemoryChoice, Pending, default_memory
 from .fused_stats import StepStatistics, default_mode
 from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .profile import RedundancyProfile
@@ -68,7 +71,7 @@ class RedundancyCapture(StepTracker):
 
     def __init__(self, target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
                  scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
-                 stats: str | None = None, whole_batch: bool = False) -> None:
+                 stats: str | None = None, whole_batch: bool = False, memory: str | None = None) -> None:
         self.pipeline = None if isinstance(target, nn.Module) else target
         super().__init__(target if isinstance(target, nn.Module) else _transformer_of(target),
                          scheduler if scheduler is not None else getattr(self.pipeline, "scheduler", None))
@@ -77,6 +80,8 @@ class RedundancyCapture(StepTracker):
         self.branch_layout = branch_layout
         self.copy_tensors = copy_tensors
         self.step_statistics = StepStatistics(stats or default_mode())  # fused kernel or eager: see fused_stats
+        self.memory = MemoryChoice(memory or default_memory())  # per tensor, or per call: see batched_stats
+        self.batch = CallBatch(self.step_statistics)
         self.whole_batch = whole_batch
         self.runs: list[_Run] = [_Run()]
         self._calls: dict[int, ModuleCall] = {}  # running calls of the sites' context modules
@@ -126,7 +131,7 @@ class RedundancyCapture(StepTracker):
             return wrapper
 
         for name in ("call_started", "_enter_context", "_leave_context", "scheduler_stepped", "start_run",
-                     "_on_check_inputs"):
+                     "_on_check_inputs", "_call_finished"):
             setattr(self, name, strict(getattr(self, name)))
         make_site_hook = self._make_site_hook  # the site hooks: tensor extraction and recording
         self._make_site_hook = lambda group: strict(make_site_hook(group))
@@ -146,6 +151,8 @@ class RedundancyCapture(StepTracker):
             self._undo.append(module.register_forward_hook(self._make_site_hook(by_module[key])).remove)
         for module in contexts.values():  # after the site hooks: a site on the context module still sees its call
             self._undo.append(module.register_forward_hook(self._leave_context).remove)
+        # last: the call's tensors are all recorded (a site on the transformer itself too) when its batch is reduced
+        self._undo.append(self.transformer.register_forward_hook(self._call_finished, always_call=True).remove)
         if self.pipeline is not None and callable(getattr(self.pipeline, "check_inputs", None)):
             self.wrap(self.pipeline, "check_inputs", before=self._on_check_inputs)
 
@@ -229,7 +236,8 @@ class RedundancyCapture(StepTracker):
             self._note(f"{self.sites[index].layer}/{self.sites[index].kind} was modified in place after its step; "
                        "that step pair is not measured and the series now keeps copies")
             series.copy, valid = True, False
-        series.stats.append(self.step_statistics(tensor, previous if valid else None, series.rows))
+        deferred = self.memory.chosen != "low"  # undecided (the first call) or fast: reduced when the call ends
+        series.stats.append(None if deferred else self.step_statistics(tensor, previous if valid else None, series.rows))
         series.steps.append(run.step)
         series.valid.append(valid)
         series.order.append(run.recorded)
@@ -240,6 +248,31 @@ class RedundancyCapture(StepTracker):
         else:
             series.previous, series.previous_version = kept, kept._version
         series.previous_step = run.step
+        if deferred:
+            self.batch.add(Pending(series, len(series.stats) - 1, series.previous, previous if valid else None,
+                                   series.rows, series.previous_version))
+
+    def _call_finished(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The transformer call returned (or raised): reduce its pending tensors; the first call decides ``auto``."""
+        self._reduce_pending()
+
+    def _reduce_pending(self) -> None:
+        if not self.batch.pending:
+            return
+        if self.memory.chosen is None:
+            device = self.batch.pending[0].current.device
+            self.memory.decide(*self.batch.nbytes(), device, self.step_statistics.fuses_on(device),
+                               size_rule=self.step_statistics.mode == "auto")
+        self.batch.flush(self.memory.chosen == "fast", self._mutated_in_call)
+
+    def _mutated_in_call(self, item: Pending) -> None:
+        index = item.series.steps[item.slot]
+        self._note(f"a captured tensor was modified in place during its transformer call (step {index}); that step "
+                   "is not measured and the series now keeps copies")
+        item.series.copy = True
+        item.series.valid[item.slot] = False
+        if item.series.previous is item.current:
+            item.series.previous, item.series.previous_version = None, None
 
     def _note(self, message: str) -> None:
         if message not in self.messages:
@@ -266,11 +299,12 @@ class RedundancyCapture(StepTracker):
     def profile(self, **metadata: Any) -> RedundancyProfile:
         """Build the :class:`RedundancyProfile` (one device-to-host transfer). ``metadata`` fills
         :class:`~pytest_ditredundancy.capture.profile.ProfileMetadata` fields such as ``model`` or ``seed``."""
+        self._reduce_pending()  # a call that never returned (a capture left inside a call) keeps nothing back
         runs = [run for run in self.runs if not run.empty]
         if not runs:
             raise RuntimeError("nothing was captured: call the pipeline inside `with capture_redundancy(pipe)`")
         stacked = [torch.stack(s.stats) for run in runs for s in run.series.values()]
-        host = _to_host(stacked)
+        host = to_host(stacked)
         raw_runs, position = [], 0
         for run in runs:
             raw = {}
@@ -279,17 +313,20 @@ class RedundancyCapture(StepTracker):
                                      order=series.order)
                 position += 1
             raw_runs.append(RawRun(steps=run.step, batch_sizes=dict(run.batch_sizes), series=raw,
-                                   timesteps=_timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg,
+                                   timesteps=timesteps_to_floats(run.timesteps), prompts=run.prompts, cfg=run.cfg,
                                    samples=run.samples, cond_first=run.cond_first))
         profile = assemble_profile(raw_runs, self.sites, self.branch_layout, context=self,
                                    whole_batch=self.whole_batch, **metadata)
-        profile.metadata.extra = {**profile.metadata.extra, "step_stats": self.step_statistics.summary()}
+        profile.metadata.extra = {**profile.metadata.extra, "step_stats": {
+            **self.step_statistics.summary(), "memory": self.memory.mode, "memory_chosen": self.memory.chosen,
+            "call_kernels": self.batch.launches}}
         return profile
 
 
 def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sites: Sequence[CaptureSite] | None = None,
                        scheduler: Any = None, branch_layout: str = "auto", copy_tensors: bool = False,
-                       stats: str | None = None, whole_batch: bool = False) -> RedundancyCapture:
+                       stats: str | None = None, whole_batch: bool = False,
+                       memory: str | None = None) -> RedundancyCapture:
     """Capture K/V/A redundancy of every pipeline call made inside the ``with`` block.
 
     ``target`` is a diffusers pipeline (its ``transformer`` and ``scheduler`` are used) or a bare
@@ -302,6 +339,10 @@ def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sit
     branch, ``batch``.
     ``stats`` picks how each step is reduced: ``auto`` (default, or ``$DITREDUNDANCY_STATS``), ``fused`` or
     ``eager`` (see :mod:`pytest_ditredundancy.capture.fused_stats`); the profile's ``extra["step_stats"]`` says which ran.
+    ``memory`` says whether the capture may hold a transformer call's tensors until the call ends to reduce
+    them in one kernel: ``auto`` (default, or ``$DITREDUNDANCY_CAPTURE_MEMORY``; decided from the first call's
+    size and the free memory), ``fast`` (up to one step's captured tensors plus one call's) or ``low`` (one
+    step's, per-tensor reductions; see :mod:`pytest_ditredundancy.capture.batched_stats`).
 
     Example::
 
@@ -310,7 +351,7 @@ def capture_redundancy(target: Any, *, kinds: Iterable[str] = DEFAULT_KINDS, sit
         profile = cap.profile(model="pixart-alpha")
     """
     return RedundancyCapture(target, kinds=kinds, sites=sites, scheduler=scheduler, branch_layout=branch_layout,
-                             copy_tensors=copy_tensors, stats=stats, whole_batch=whole_batch)
+                             copy_tensors=copy_tensors, stats=stats, whole_batch=whole_batch, memory=memory)
 
 
 def _transformer_of(pipeline: Any) -> nn.Module:
@@ -349,25 +390,3 @@ def _reachable_tensors(value: Any, seen: set[int], found: dict[int, torch.Tensor
     elif hasattr(value, "__dict__"):
         for item in vars(value).values():
             _reachable_tensors(item, seen, found)
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list:
-    """Move all stats to the host with one transfer per device."""
-    out: list = [None] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu().numpy()
-        offset = 0
-        for i in indices:
-            n = tensors[i].numel()
-            out[i] = flat[offset:offset + n].reshape(tuple(tensors[i].shape))
-            offset += n
-    return out
-
-
-def _timesteps_to_floats(values: list[Any]) -> list[float | None]:
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    flat = iter(torch.stack([t.float().reshape(-1)[0] for t in tensors]).cpu().tolist()) if tensors else iter(())
-    return [next(flat) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]

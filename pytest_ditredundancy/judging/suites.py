@@ -260,21 +260,30 @@ class SuiteJudge:
         return results
 
     # -- suites 2 and 3: shape stability across step counts and schedulers --------------------------------------
-    def step_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
+    def step_variants(self) -> dict[str, dict[str, Any]]:
+        """The step-count suite's variants: label -> ``request`` overrides (also what a pool profiles early)."""
         base = self.settings.steps
         variants = {f"steps{max(3, round(base * f))}": {"steps": max(3, round(base * f))}
                     for f in self.session.config.step_factors}
         variants.pop(f"steps{base}", None)
+        return variants
+
+    def scheduler_variants(self) -> dict[str, dict[str, Any]]:
+        """The scheduler suite's variants: label -> ``request`` overrides."""
+        if self.spec.family == "open-sora":
+            raise SuiteSkipped(f"{self.spec.name} samples with its own rectified-flow loop; it has no scheduler to swap")
+        names = self.session.config.schedulers or compatible_schedulers(self.spec.prediction)
+        return {name: {"scheduler": name} for name in names if name != self.settings.scheduler}
+
+    def step_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
+        variants = self.step_variants()
         requested = set(variants) if "--dit-step-factors" in self.session.config.given else set()
         return self._shape_suite("step_stability", variants, requested)
 
     def scheduler_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
-        if self.spec.family == "open-sora":
-            raise SuiteSkipped(f"{self.spec.name} samples with its own rectified-flow loop; it has no scheduler to swap")
-        explicit = self.session.config.schedulers
-        names = explicit or compatible_schedulers(self.spec.prediction)
-        variants = {name: {"scheduler": name} for name in names if name != self.settings.scheduler}
-        return self._shape_suite("scheduler_stability", variants, set(variants) if explicit else set())
+        variants = self.scheduler_variants()
+        return self._shape_suite("scheduler_stability", variants,
+                                 set(variants) if self.session.config.schedulers else set())
 
     def _shape_suite(self, suite: str, variants: dict[str, dict[str, Any]],
                      requested: set[str]) -> dict[str, dict[str, stats.ShapeComparison]]:

@@ -28,7 +28,9 @@ from .relay import RELAY_PLUGIN, ControllerRelay
 if TYPE_CHECKING:
     from ..judging.baselines import BaselineStore
     from .cache_gate import CacheCheck
+    from .cache_tune import TuneCheck
     from ..cache.spec import CacheSpec
+    from ..cache.tuning import TuneSpec
     from .checks import SuiteCheck
     from ..capture.profile import RedundancyProfile
     from .session import DitSession
@@ -41,7 +43,8 @@ MARKERS = [
 ]
 #: a collected test that uses one of these turns the plugin on
 FIXTURES = frozenset({"dit_session", "dit_model", "dit_pipeline", "dit_profile", "dit_baselines", "dit_check",
-                      "dit_distinctness", "dit_cache", "dit_cache_check"})
+                      "dit_distinctness", "dit_cache", "dit_cache_check", "dit_cache_tune",
+                      "dit_cache_tune_check"})
 STATE = pytest.StashKey["DitPlugin"]()
 
 
@@ -166,6 +169,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from . import cache_options as cache_config
 
         metafunc.parametrize("dit_cache", cache_config.parameters(metafunc.config), indirect=True)
+    if "dit_cache_tune" in metafunc.fixturenames:
+        from . import cache_options as cache_config
+
+        metafunc.parametrize("dit_cache_tune", cache_config.tune_parameters(metafunc.config), indirect=True)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -199,6 +206,13 @@ def _family_of(dit: "DitSession", model: str) -> str | None:
         return dit.spec(model).family
     except Exception:  # unknown or broken model: its tests report the error themselves
         return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The tests are known: a pool executor (``--dit-executor=ray``) starts on their profiles now."""
+    state = _state(session.config)
+    if state.session is not None and session.items and not session.config.option.collectonly:
+        state.session.prefetch(session.items)
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -312,3 +326,24 @@ def dit_cache_check(request: pytest.FixtureRequest, dit_session: "DitSession", d
     from .cache_gate import CacheCheck
 
     return CacheCheck(dit_session, dit_model, request.node, dit_cache)
+
+
+@pytest.fixture
+def dit_cache_tune(request: pytest.FixtureRequest) -> "TuneSpec":
+    """The search under test, one of ``--dit-cache-tune`` (tests using it are parametrized over them)."""
+    from . import cache_options as cache_config
+
+    return cache_config.tune_of(request)
+
+
+@pytest.fixture
+def dit_cache_tune_check(request: pytest.FixtureRequest, dit_session: "DitSession", dit_model: "ModelSpec",
+                         dit_cache_tune: "TuneSpec") -> "TuneCheck":
+    """The cache tuning of ``dit_model`` x ``dit_cache_tune`` (see docs/cache-tuning.md)::
+
+        def test_cache_tune(dit_cache_tune_check):
+            dit_cache_tune_check.tune()
+    """
+    from .cache_tune import TuneCheck
+
+    return TuneCheck(dit_session, dit_model, request.node, dit_cache_tune)

@@ -24,20 +24,22 @@ from typing import Any
 import pytest
 
 from ..cache import adherence
-from ..cache.apply import CacheBatchError, UnsupportedStrategy, attention_modules
-from ..cache.diffusers_cache import strategy_failure
-from ..cache.measure import RunPlan, RunResult, budget_sweep, calibrate_magcache, premise_test, run_once, skipped_fractions, speedup, time_interleaved
-from ..cache.quality import PSNR_CAP, QualityDependencyError, latent_mse, nonfinite_share, psnr, require_scikit_image, spearman, ssim
+from ..cache.base import CacheBatchError, CacheDependencyError, CacheParameterError, UnsupportedStrategy
+from ..cache.engines import engine_of
+from ..cache.measure import RunPlan, RunResult, budget_sweep, premise_test, skipped_fractions, speedup, time_interleaved
+from ..cache.quality import PSNR_CAP, latent_mse, nonfinite_share, psnr, spearman, ssim
 from ..cache.schedule import CacheSchedule, ScheduleError, schedule_from_profile
 from ..cache.spec import CacheSpec
 from ..judging.baselines import BaselineError
-from ..zoo.registry import ModelSpec
-from .cache_options import cache_options
-from .checks import SuiteCheck
+from ..cache.floors import FloorError, Floors, Quality
+from ..cache.tune_verdict import judge_unstored
+from ..cache.tuning import TunePoint
+from .cache_runs import CacheInputs, memo
 from .relay import emit
-from .session import BASELINE_USED_KEY, DitSession
+from .session import BASELINE_USED_KEY
 
 SUITE = "cache_gate"
+TUNE_SUITE = "cache_tune"  # the tuning's section: its floors and frontier judge settings without an entry
 #: Half-widths of stored bounds per device class. CPU runs repeat to ~1e-6; on GPUs a cache's skip decisions
 #: (FBCache's threshold test) can flip with kernel noise, so skipped fractions move by whole steps.
 #: latent MSE is held within a relative band (CPU runs repeat it to ~1e-6; GPU kernels move it by up to 2x).
@@ -59,40 +61,15 @@ def _tolerance(device_class: str) -> dict[str, float]:
     return TOLERANCES.get(device_class, TOLERANCES["cuda"])
 
 
-def _state(session: DitSession) -> dict[tuple, Any]:
-    """Per-session memo of uncached reference runs, MagCache ratios and sweeps (shared across strategies)."""
-    return vars(session).setdefault("_cache_gate_memo", {})
-
-
 @dataclass
-class CacheCheck:
+class CacheCheck(CacheInputs):
     """The gate for one model and one strategy; obtained from the ``dit_cache_check`` fixture::
 
         def test_cache_gate(dit_cache_check):
             dit_cache_check.gate()
     """
 
-    session: DitSession
-    spec: ModelSpec
-    item: pytest.Item
-    strategy: CacheSpec
-
-    def __post_init__(self) -> None:
-        self.suite = SuiteCheck(self.session, self.spec, self.item)
-        self.options = cache_options(self.item.config)
-
-    # -- inputs ---------------------------------------------------------------------------------------------
-    def plan(self) -> RunPlan:
-        request = self.suite.request
-        return RunPlan(self.session.slot.get(self.spec), self.spec, request.settings, list(request.prompts),
-                       request.settings.seed, request.batch_size)
-
-    def reference(self, plan: RunPlan) -> RunResult:
-        key = ("reference", self.spec.name, self.suite.key)
-        memo = _state(self.session)
-        if key not in memo:
-            memo[key] = run_once(plan, count=True)
-        return memo[key]
+    strategy: CacheSpec = None  # type: ignore[assignment]  # always given by the fixture
 
     def schedule(self, stored: dict | None) -> CacheSchedule | None:
         """The profile strategy's schedule: a file, else the baseline's, else derived from the profile."""
@@ -110,8 +87,7 @@ class CacheCheck:
                 schedule = schedule_from_profile(self.session.profile(self.suite.request), model=self.spec.name,
                                                  budget=self.strategy.get("budget"),
                                                  threshold=self.strategy.get("threshold"))
-            names = [name for name, _ in attention_modules(self.session.slot.get(self.spec).transformer)]
-            schedule.validate(names, steps=self.suite.settings.steps, model=self.spec.name)
+            schedule.validate(self.plan().layer_names(), steps=self.suite.settings.steps, model=self.spec.name)
         except ScheduleError as exc:
             problem = str(exc)
         else:
@@ -128,50 +104,28 @@ class CacheCheck:
                     f"{name}={wanted}; replaying it would gate another schedule. Update the baseline:\n    "
                     f"{self._update_command()}")
 
-    def context(self, plan: RunPlan):
-        if self.strategy.strategy != "magcache" or self.strategy.get("mag_ratios", "calibrate") != "calibrate":
-            return plan.context()
-        key = ("magcache", self.spec.name, self.suite.key, self.strategy.text)
-        memo = _state(self.session)
-        if key not in memo:
-            memo[key] = calibrate_magcache(plan, self.strategy)
-        return plan.context(mag_ratios=memo[key])
-
     # -- the gate -------------------------------------------------------------------------------------------
     def gate(self) -> dict[str, Any]:
         """Measure, compare with the baseline (or store it with ``--dit-update-baselines``), record."""
-        if getattr(self.session.config, "shard", None):
-            pytest.skip("the cache gate runs every prompt: run it without --dit-shard")
-        protocol = self.suite.request.protocol
-        if not protocol.runs_cache_gate:
-            pytest.skip("the cache gate runs on the project's protocol (every attention layer, prompt i seeded "
-                        f"seed + i): run it without --dit-protocol={protocol.name}")
-        try:
-            require_scikit_image()
-        except QualityDependencyError as exc:
-            pytest.skip(str(exc))
-        plan = self.plan()
-        if not hasattr(plan.pipe, "transformer") or getattr(plan.pipe, "scheduler", None) is None:
-            pytest.skip(f"{self.spec.name} is not a diffusers pipeline with a transformer and a scheduler "
-                        f"({type(plan.pipe).__name__}); caching strategies are applied to those only")
+        plan = self.runnable_plan("cache gate")
         baseline = None if self.session.config.update_baselines else self.suite.baseline()
         stored = ((baseline.suite(SUITE) or {}) if baseline else {}).get(self.strategy.text)
         schedule = self.schedule(stored)
         reference = self.reference(plan)
         outcome, message = None, ""
         try:
-            context = self.context(plan)
-            cached = run_once(plan, self.strategy, schedule=schedule, context=context, count=True)
+            context = self.context_for(plan)(self.strategy)
+            cached = plan.run(self.strategy, schedule=schedule, context=context, count=True)
         except UnsupportedStrategy as exc:
             if stored:  # the baseline holds an entry: it ran when the baseline was recorded
                 outcome, message = pytest.fail, (f"{self.strategy} on {self.spec.name} no longer runs ({exc}), but its "
                                                  "baseline holds an entry for it")
             else:
                 outcome, message = pytest.skip, f"{self.strategy} on {self.spec.name}: {exc}"
-        except CacheBatchError as exc:
-            outcome, message = pytest.fail, str(exc)
+        except (CacheBatchError, CacheParameterError, CacheDependencyError) as exc:  # the user's setting or install
+            outcome, message = pytest.fail, f"cache gate {self.strategy} on {self.spec.name}: {exc}"
         except Exception as exc:
-            where = strategy_failure(exc) if self.strategy.strategy not in ("none", "profile") else None
+            where = engine_of(self.strategy).failure(exc)
             if where is None:
                 raise
             if stored:  # it ran when the baseline was recorded: a regression, not a missing feature
@@ -183,11 +137,33 @@ class CacheCheck:
         if outcome is pytest.fail:
             pytest.fail(message, pytrace=False)
         self._require_finite(reference, cached)
+        try:
+            self.floors, self.floors_from = self.model_floors(baseline)
+            self.floors.require_measurable(adherence.applies_to(self.spec), self.spec.name)
+        except FloorError as exc:
+            pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {exc}", pytrace=False)
         fallback = self.options.min_psnr is not None or self.options.min_skipped is not None
-        if not self.session.config.update_baselines and stored is None and not fallback:
+        if not self.session.config.update_baselines and stored is None and not fallback and not self.floors:
             self._missing()  # after the support check (unsupported skips), before timing and the sweep
         result = self.measure(plan, reference, cached, schedule, context)
-        return self.judge(result, stored, schedule)
+        return self.judge(result, stored, schedule, baseline)
+
+    def model_floors(self, baseline: Any) -> tuple[Floors, str]:
+        """The model's quality floors and where they come from: ``--dit-cache-floor``, else the floors stored with
+        a tuning of this strategy (or of any strategy), else those stored with another cache-gate entry."""
+        if self.options.floors:
+            return self.options.floors, "--dit-cache-floor"
+        if baseline is None:
+            return Floors(), ""
+        tunes = baseline.suite(TUNE_SUITE) or {}
+        ordered = sorted(tunes.items(), key=lambda item: item[1].get("strategy") != self.strategy.strategy)
+        for text, entry in ordered:
+            if entry.get("floors"):
+                return Floors.from_dict(entry["floors"]), f"stored with the tuning {text}"
+        for text, entry in sorted((baseline.suite(SUITE) or {}).items()):
+            if isinstance(entry, dict) and entry.get("floors"):
+                return Floors.from_dict(entry["floors"]), f"stored with {text}"
+        return Floors(), ""
 
     def _require_finite(self, reference: RunResult, cached: RunResult) -> None:
         for label, run in (("uncached", reference), (f"cached ({self.strategy})", cached)):
@@ -201,7 +177,7 @@ class CacheCheck:
     def measure(self, plan: RunPlan, reference: RunResult, cached: RunResult, schedule: CacheSchedule | None,
                 context: Any) -> dict[str, Any]:
         uncached_s, cached_s = time_interleaved(
-            lambda: run_once(plan), lambda: run_once(plan, self.strategy, schedule=schedule, context=context),
+            lambda: plan.run(), lambda: plan.run(self.strategy, schedule=schedule, context=context),
             self.options.repeats)
         result = {
             "psnr": psnr(reference.images, cached.images), "ssim": ssim(reference.images, cached.images),
@@ -213,6 +189,8 @@ class CacheCheck:
         if adherence.applies_to(self.spec):
             try:
                 result["adherence"] = adherence.measure(plan.prompts, reference.images, cached.images)
+                if self.floors.adherence is not None:
+                    result["retention"] = adherence.retention(plan.prompts, reference.images, cached.images)
             except adherence.AdherenceError as exc:
                 pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {exc}", pytrace=False)
         if schedule is not None and schedule.costs is not None:
@@ -226,21 +204,25 @@ class CacheCheck:
 
     def sweep(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> list[dict]:
         """Budget sweep (cheapest-first and costliest-first) for the report's quality/skip frontier."""
-        key, memo = self._memo_key("sweep", schedule, self.options.budgets), _state(self.session)
-        if key not in memo:
-            memo[key] = [p.__dict__ for p in budget_sweep(plan, schedule, self.options.budgets, reference)]
-        return memo[key]
+        key, state = self._memo_key("sweep", schedule, self.options.budgets), memo(self.session)
+        if key not in state:
+            state[key] = [p.__dict__ for p in budget_sweep(plan, schedule, self.options.budgets, reference)]
+        return state[key]
 
     def premise(self, plan: RunPlan, schedule: CacheSchedule, reference: RunResult) -> tuple[list[dict], float | None]:
         """Single-cell probes and the Spearman correlation of profile cost with measured error."""
-        key, memo = self._memo_key("premise", schedule, PREMISE_CELLS), _state(self.session)
-        if key not in memo:
+        key, state = self._memo_key("premise", schedule, PREMISE_CELLS), memo(self.session)
+        if key not in state:
             points = premise_test(plan, schedule, reference, PREMISE_CELLS)
             value = spearman([p.predicted_error for p in points], [p.measured_error for p in points])
-            memo[key] = ([p.__dict__ for p in points], value)
-        return memo[key]
+            state[key] = ([p.__dict__ for p in points], value)
+        return state[key]
 
-    def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None) -> dict[str, Any]:
+    def quality(self, result: dict[str, Any]) -> Quality:
+        return Quality(result["psnr"], result["ssim"], result["latent_mse"], result.get("retention"))
+
+    def judge(self, result: dict[str, Any], stored: dict | None, schedule: CacheSchedule | None,
+              baseline: Any = None) -> dict[str, Any]:
         tol = _tolerance(self.session.device_class)
         scored = result["adherence"]
         values = {"psnr": result["psnr"], "skipped": result["skipped"]["attention"], "spearman": result["spearman"],
@@ -250,6 +232,12 @@ class CacheCheck:
                         "gate a cache that does nothing. Choose settings under which it skips (e.g. a higher "
                         "fbcache:threshold=...), or deselect it for this model", pytrace=False)
         update = self.session.config.update_baselines
+        broken = self.floors.failures(self.quality(result)) if self.floors else []
+        unstored = None
+        if update and broken:  # a setting below the model's floors is a regression to fix, not a baseline to accept
+            pytest.fail(f"cache gate {self.strategy} on {self.spec.name} breaks the floors {self.floors} "
+                        f"({self.floors_from}): " + "; ".join(broken) + ". Nothing was stored. Choose a setting that "
+                        "keeps them (--dit-cache-tune finds the fastest one), or change the floors", pytrace=False)
         if update:
             bounds = self._new_bounds(values, tol)
             entry = {"psnr": values["psnr"], "ssim": result["ssim"], "latent_mse": values["latent_mse"],
@@ -260,18 +248,30 @@ class CacheCheck:
                 entry["adherence"] = scored.cached
             if schedule is not None:
                 entry["schedule"] = schedule.to_dict()
+            if self.floors:
+                entry["floors"] = self.floors.as_dict()
             self._store(entry)
         elif stored is not None:
             bounds = stored.get("bounds", {})
+        elif self.floors:
+            bounds = {}
+            unstored = self._judge_unstored(values, result, baseline)
         elif self.options.min_psnr is not None or self.options.min_skipped is not None:
             bounds = {"psnr": [self.options.min_psnr, None], "skipped": [self.options.min_skipped, None]}
         else:
             self._missing()
-        failures = self._failures(values, bounds, stored)
+        failures = self._failures(values, bounds, stored) if unstored is None else unstored[0]
+        if unstored is None and broken:
+            failures += [f"  {line} (floors {self.floors}, {self.floors_from})" for line in broken]
         lost_prompt = adherence.drop_failure(scored, self.session.device_class) if scored else None
         if lost_prompt:
             failures.append(lost_prompt)
         record = self._record(result, values, bounds, schedule, passed=not failures, updated=update)
+        if unstored is not None:
+            record["floors"], record["unstored"] = self.floors.as_dict(), unstored[1]
+        if failures and unstored is not None:
+            pytest.fail(f"cache gate of {self.spec.name} with {self.strategy} breaks the floors:\n" + unstored[1]
+                        + "\n" + "\n".join(failures), pytrace=False)
         if failures:
             fix = self._update_command()
             pytest.fail(f"cache gate of {self.spec.name} with {self.strategy} changed ({self.suite.key}):\n"
@@ -279,14 +279,30 @@ class CacheCheck:
                         pytrace=False)
         return record
 
+    def _judge_unstored(self, values: dict[str, Any], result: dict[str, Any], baseline: Any) -> tuple[list[str], str]:
+        """A setting without its own entry: the floors decide, compared with the stored settings of the strategy
+        and with a stored tuning's frontier where one covers its value."""
+        entries = {text: entry for text, entry in ((baseline.suite(SUITE) or {}) if baseline else {}).items()
+                   if isinstance(entry, dict) and text.split(":", 1)[0] == self.strategy.strategy}
+        frontier = None
+        for text, entry in ((baseline.suite(TUNE_SUITE) or {}) if baseline else {}).items():
+            param = entry.get("parameter")
+            if entry.get("strategy") == self.strategy.strategy and param in self.strategy.params:
+                points = [TunePoint.from_dict(p) for p in entry.get("frontier", [])]
+                frontier = (text, float(self.strategy.params[param]), points)
+        return judge_unstored(self.strategy.text, self.quality(result), values["skipped"], self.floors, self.floors_from, entries,
+                              frontier)
+
     def _update_command(self) -> str:
         """The command that rewrites this model's cache-gate entries (for every strategy the run selects)."""
         return self.session.command(self.spec, "--dit-update-baselines", f"-k {SUITE}")
 
     def _missing(self) -> None:
         pytest.fail(f"no cache_gate baseline for {self.spec.name} with {self.strategy} (settings {self.suite.key}) in "
-                    f"{self.session.store.path_for(self.suite.baseline_name, self.suite.key)}.\nCreate it with:\n    "
-                    f"{self._update_command()}", pytrace=False)
+                    f"{self.session.store.path_for(self.suite.baseline_name, self.suite.key)}, and no quality floors to "
+                    "judge a new setting by.\nCreate the entry with:\n    "
+                    f"{self._update_command()}\nor judge the setting against floors: --dit-cache-floor=psnr:35,ssim:0.95 "
+                    "(a stored --dit-cache-tune keeps its floors for every later setting)", pytrace=False)
 
     @staticmethod
     def _new_bounds(values: dict[str, Any], tol: dict[str, float]) -> dict[str, list]:

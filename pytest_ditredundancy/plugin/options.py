@@ -22,20 +22,20 @@ import hashlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
+from .cache_options import CacheOptions
 from .declared import Option, Step, build, declarations, option, reference_markdown, reference_table
-
-if TYPE_CHECKING:
-    from ..cache.spec import CacheSpec
 
 DEVICES = "auto, cpu, cuda, cuda:N (N: the GPU's index), mps"
 DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
           "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: the valid values of --dit-tolerance (judging.tolerances.LEVELS; a test keeps the two in step)
 TOLERANCES = ("default", "strict")
+#: the valid values of --dit-capture-memory (capture.batched_stats.MEMORY_MODES; a test keeps the two in step)
+CAPTURE_MEMORY = ("auto", "fast", "low")
 #: the most denoising steps --dit-steps takes: more than any sampler uses, far below what exhausts memory
 MAX_STEPS = 10000
 #: the largest --dit-step-factors multiple
@@ -123,6 +123,11 @@ class DitConfig:
         "--dit-tolerance", ini="dit_tolerance", kind=str, default="default", choices=TOLERANCES,
         help="regression tolerance: default (device noise and benign changes never fail) or strict (calibrated "
              "on measured run-to-run noise; catches bf16 round trips and quantisation)")
+    capture_memory: str = option(
+        "--dit-capture-memory", ini="dit_capture_memory", kind=str, default="auto", choices=CAPTURE_MEMORY,
+        help="what the capture may hold: fast (each transformer call's captured tensors until the call ends, "
+             "reduced in one kernel: up to twice one step's captured tensors), low (one step's, one reduction per "
+             "tensor) or auto (fast when one more call's tensors fit in the free memory; docs/capture.md)")
     report: Path | None = option(
         "--dit-report", ini="dit_report", kind=Path, default=None,
         help="write a self-contained HTML report to this path (e.g. reports/index.html)")
@@ -138,6 +143,19 @@ class DitConfig:
     progress_interval: float = option(
         "--dit-progress-interval", ini="dit_progress_interval", kind=float, default=10.0,
         help="seconds between progress lines while profiling (0: after every batch, negative: never)")
+    executor: str = option(
+        "--dit-executor", ini="dit_executor", kind=str, default="local",
+        valid="local, ray, or an executor registered with register_executor",
+        help="where profiles are computed: local (this process, or each xdist worker; the default) or ray (a pool "
+             "of Ray actors, one per GPU of the cluster; pip install 'pytest-ditredundancy[ray]'; docs/ray.md)")
+    ray_address: str | None = option(
+        "--dit-ray-address", ini="dit_ray_address", kind=str, default=None,
+        help="--dit-executor=ray: the cluster to join, host:port of its head node (ray://host:10001, auto) "
+             "(default: RAY_ADDRESS, else a local Ray instance)")
+    ray_actors: int | None = option(
+        "--dit-ray-actors", ini="dit_ray_actors", kind=int, default=None,
+        help="--dit-executor=ray: actors in the pool (default: one per GPU of the cluster, one per CPU on a "
+             "cluster without GPUs)")
     #: options the user set on the command line (flags: None), for the commands messages suggest
     given: dict[str, str | None] = field(default_factory=dict)
 
@@ -174,30 +192,6 @@ class DitConfig:
         parts += [shlex.quote(flag if value is None else f"{flag}={value}") for flag, value in self.given.items()
                   if flag != "--dit-model"]
         return " ".join([*parts, *extra])
-
-
-@dataclass(frozen=True, kw_only=True)
-class CacheOptions:
-    """The cache suite's settings, read by :func:`~pytest_ditredundancy.plugin.cache_options.read_cache_options`."""
-
-    specs: tuple[CacheSpec, ...] = option(
-        "--dit-cache", ini="dit_caches", kind=list[str], default=(),
-        help="cache suite: caching strategy to gate, repeatable: none, profile[:budget=0.3|threshold=0.05|"
-             "schedule=FILE], fbcache[:threshold=0.05], pab, fastercache, magcache, taylorseer (see the README "
-             "section Cache gate)")
-    repeats: int = option(
-        "--dit-cache-repeats", ini="dit_cache_repeats", kind=int, default=3,
-        help="cache suite: timed runs per strategy (uncached and cached interleaved; the speedup is the ratio of "
-             "the medians)")
-    budgets: tuple[float, ...] = option(
-        "--dit-cache-budgets", ini="dit_cache_budgets", kind=list[float], default=(0.1, 0.3, 0.5),
-        help="cache suite: budgets of the profile schedule's error sweep")
-    min_psnr: float | None = option(
-        "--dit-cache-min-psnr", ini="dit_cache_min_psnr", kind=float, default=None,
-        help="cache suite: minimum PSNR (dB) used where no baseline exists")
-    min_skipped: float | None = option(
-        "--dit-cache-min-skipped", ini="dit_cache_min_skipped", kind=float, default=None,
-        help="cache suite: minimum fraction of attention compute skipped, in [0, 1), used where no baseline exists")
 
 
 #: every option, in the order of ``pytest --help``
@@ -346,6 +340,29 @@ def _resolve_paths(config: pytest.Config, values: dict[str, Any]) -> dict[str, A
     return paths
 
 
+def _check_executor(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
+    """``--dit-executor``: a registered executor; an executor's own options only with it; a pool that spreads
+    the work itself is not run under pytest-xdist's ``-n``. Ray is not imported here."""
+    from ..profiling.executor_registry import EXECUTORS, get_executor
+    from ..profiling.executors import ExecutorError
+
+    try:
+        executor = get_executor(values["executor"])
+    except ExecutorError as exc:
+        raise pytest.UsageError(f"{exc} (--dit-executor)") from None
+    for name in dict.fromkeys(name for cls in EXECUTORS.values() for name in cls.options):
+        if values[name] is not None and name not in executor.options:
+            users = ", ".join(f"--dit-executor={cls.name}" for cls in EXECUTORS.values() if name in cls.options)
+            raise pytest.UsageError(f"{_DIT[name].flag} applies to {users} only; this run's executor is "
+                                    f"{executor.name}: add {users} or leave {_DIT[name].flag} out")
+    if values["ray_actors"] is not None and values["ray_actors"] < 1:
+        raise pytest.UsageError(f"--dit-ray-actors must be at least 1, got {values['ray_actors']}")
+    if executor.spreads_work and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(f"--dit-executor={executor.name} spreads the profiles over the cluster itself; run "
+                                "it without pytest-xdist's -n")
+    return {}
+
+
 def _record_given(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any]:
     """What the command line gave, as typed (the update flag is the caller's to add), and whether a seed was
     given at all (ini too)."""
@@ -357,7 +374,8 @@ def _record_given(config: pytest.Config, values: dict[str, Any]) -> dict[str, An
 
 
 _DIT_STEPS: tuple[Step, ...] = (_check_numbers, _select_models, _apply_protocol, _check_device_and_dtype,
-                                _check_schedulers, _select_prompts, _parse_shard, _resolve_paths, _record_given)
+                                _check_schedulers, _select_prompts, _parse_shard, _resolve_paths, _check_executor,
+                                _record_given)
 
 
 def read_config(config: pytest.Config) -> DitConfig:

@@ -231,7 +231,8 @@ class ReportCollector:
         run["workers"] = getattr(self.config.option, "numprocesses", None) or None
         workers = [self.workers[w] for w in sorted(self.workers)]
         environment = {**controller_environment(), "workers": workers,
-                       "devices": sorted({f"{w['device']} ({w['device_name']})" for w in workers})}
+                       "devices": sorted({f"{w['device']} ({w['device_name']})" for w in workers}),
+                       "executor": self.dit.executor.facts()}  # where profiles ran, and any work retried
         shard = None
         if cfg.shard:
             start, end = shard_range(len(cfg.prompts), cfg.shard)

@@ -3,6 +3,10 @@
 Workers (pytest-xdist) and the controller each have a :class:`DitSession`. Where tests run, checks emit their
 records into the test item's data (``relay.emit``), which reaches the controller's session as one packet
 per test (``relay``), whatever the distribution mode.
+
+The session asks its executor for every profile (``--dit-executor``: ``local``, this process and its loaded
+pipeline; ``ray``, a pool of actors on a cluster), resolved once; once the tests are collected it hands a
+pool the run's known requests (:meth:`DitSession.prefetch`), so every actor is busy while tests judge.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch
 from ..capture.environment import device_class
 from ..capture.profile import RedundancyProfile
 from ..judging.baselines import BaselineStore, safe_name
+from ..judging.suites import SuiteJudge, SuiteSkipped
+from ..profiling.executor_registry import get_executor
+from ..profiling.executors import Executor, ExecutorError, ExecutorSettings, LocalExecutor, RemoteWorkError
 from ..profiling.protocol_registry import get_protocol
 from ..profiling.protocols import Protocol, ProtocolError
-from ..profiling.runner import run_profile
 from ..profiling.settings import RunRequest, RunSettings, resolve_run
-from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_device, resolve_spec
+from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_spec
 from ..zoo.registry import ModelSpec, UnknownModelError, get_spec, registered_models, tiny_model_names
 from .options import DitConfig
 from .shard import shard_range
@@ -89,15 +95,31 @@ class DitSession:
     references: dict[str, str] = field(default_factory=dict)
     _specs: dict[str, ModelSpec] = field(default_factory=dict)
     _requests: dict[tuple, RunRequest] = field(default_factory=dict)
+    _executor: Executor | None = None
 
     @classmethod
     def from_config(cls, config: DitConfig, specs: dict[str, ModelSpec] | None = None) -> "DitSession":
-        """The session of ``config``; ``specs`` are the selected models as :func:`check_models` resolved them."""
+        """The session of ``config``; ``specs`` are the selected models as :func:`check_models` resolved them.
+        The executor starts here: an unusable one (Ray missing, a cluster unreachable) is a usage error."""
         slot = PipelineSlot(device=config.device, dtype=config.dtype, seed=config.seed)
         session = cls(config=config, store=BaselineStore(config.baseline_dir), slot=slot)
         for model, spec in (specs or {}).items():
             session.spec(model, resolved=spec)
+        settings = ExecutorSettings(device=config.device, dtype=config.dtype, seed=config.seed,
+                                    address=config.ray_address, actors=config.ray_actors)
+        try:
+            session._executor = get_executor(config.executor)(settings, slot.get)
+        except ExecutorError as exc:
+            raise pytest.UsageError(f"--dit-executor={config.executor}: {exc}") from None
         return session
+
+    @property
+    def executor(self) -> Executor:
+        """Where profiles are computed (a session built without :meth:`from_config`, e.g. a merge: here)."""
+        if self._executor is None:
+            self._executor = LocalExecutor(ExecutorSettings(device=self.config.device, dtype=self.config.dtype,
+                                                            seed=self.config.seed), self.slot.get)
+        return self._executor
 
     @property
     def protocol(self) -> Protocol:
@@ -140,7 +162,8 @@ class DitSession:
 
     @property
     def device(self) -> torch.device:
-        return resolve_device(self.config.device)
+        """Where profiles are computed: this machine's device, or the pool's (``cuda`` on a GPU cluster)."""
+        return self.executor.device
 
     @property
     def device_class(self) -> str:
@@ -165,21 +188,69 @@ class DitSession:
         return resolve_run(spec, protocol=self.protocol, prompts=config.prompts if named else None,
                            prompt_source=config.prompt_source or None, prompt_tag=config.prompt_tag,
                            num_prompts=None if named else config.num_prompts, steps=config.steps,
-                           scheduler=config.scheduler, seed=config.noise_seed, batch_size=config.batch_size)
+                           scheduler=config.scheduler, seed=config.noise_seed, batch_size=config.batch_size,
+                           capture_memory=config.capture_memory)
 
     def profile_key(self, request: RunRequest) -> tuple:
         return (request.spec.name, request.settings, request.prompts, self.config.device, self.config.dtype)
 
+    def work(self, request: RunRequest) -> RunRequest:
+        """What this session profiles of ``request``: its block of the prompts under ``--dit-shard``, else all
+        (seeds stay seed + global index)."""
+        start, end = shard_range(len(request.prompts), self.config.shard)
+        return request.shard(start, end)
+
     def profile(self, request: RunRequest) -> RedundancyProfile:
-        """The profile of ``request`` (computed once per session; a shard profiles its block of the prompts)."""
+        """The profile of ``request`` (computed once per session by the executor). A model that failed to load
+        where it ran, or work no worker could finish, fails the test with the message (which names the node)."""
         key = self.profile_key(request)
         if key not in self.profiles:
-            pipe = self.slot.get(request.spec)
-            start, end = shard_range(len(request.prompts), self.config.shard)  # seeds stay seed + global index
-            self.profiles[key] = run_profile(pipe, request.shard(start, end),
-                                             progress=self._progress_callback(request.spec.name, request.settings))
+            problem = None
+            try:
+                self.profiles[key] = self.executor.profile(
+                    self.work(request), progress=self._progress_callback(request.spec.name, request.settings))
+            except (ModelLoadError, RemoteWorkError) as exc:  # local load failures fail in PipelineSlot.get
+                problem = str(exc)
+            if problem is not None:  # outside the except: the message alone, not Ray's exception chain
+                pytest.fail(problem, pytrace=False)
         self.touched.setdefault(key, request)
         return self.profiles[key]
+
+    def prefetch(self, items: Iterable[pytest.Item]) -> None:
+        """Hand the executor the requests the collected tests will ask for: each tested model's own (every
+        selected model when the cross-model suite runs), then, as speculative work, the stability suites'
+        variants. A local executor ignores them; a pool starts on them at once."""
+        models: dict[str, None] = {}
+        for item in items:
+            model = getattr(getattr(item, "callspec", None), "params", {}).get("dit_model")
+            if model is not None:
+                models.setdefault(model)
+            if "dit_distinctness" in getattr(item, "fixturenames", ()):
+                models.update(dict.fromkeys(self.selected_models()))
+        requests, variants = [], []
+        for model in models:
+            try:
+                spec = self.spec(model)
+                requests.append(self.work(self.request(spec)))
+            except Exception:  # an unknown or broken model: its tests report the error themselves
+                continue
+            judge = SuiteJudge(self, spec, "")
+            for overrides in self._variants(judge):
+                try:
+                    variants.append(self.work(self.request(spec, **overrides)))
+                except ValueError:  # a variant the suite reports itself
+                    continue
+        self.executor.prepare(requests, speculative=variants)
+
+    @staticmethod
+    def _variants(judge: SuiteJudge) -> list[dict[str, Any]]:
+        found = []
+        for variants in (judge.step_variants, judge.scheduler_variants):
+            try:
+                found += list(variants().values())
+            except SuiteSkipped:
+                continue
+        return found
 
     def _progress_callback(self, model: str, settings: RunSettings):
         if self.progress is None:
@@ -199,16 +270,17 @@ class DitSession:
         return callback
 
     def baseline_metadata(self, profile: RedundancyProfile, request: RunRequest) -> dict[str, Any]:
-        from ..capture.environment import device_name
-
         meta = profile.metadata
-        return {"device_class": self.device_class, "device_name": device_name(self.device), "dtype": meta.dtype,
+        return {"device_class": self.device_class, "device_name": self.executor.device_name, "dtype": meta.dtype,
                 "settings": {**request.settings.__dict__, "prompt_source": request.prompt_source},
                 "versions": meta.versions, "pipeline_class": meta.pipeline_class,
                 "transformer_class": meta.transformer_class, "scheduler_class": meta.scheduler_class}
 
     def close(self) -> None:
+        """The end of the run: the loaded pipeline released, the executor's unfinished work cancelled."""
         self.slot.release()
+        if self._executor is not None:
+            self._executor.close()
 
 
 def check_models(config: DitConfig, *, probe_hub: bool) -> tuple[DitConfig, dict[str, ModelSpec]]:

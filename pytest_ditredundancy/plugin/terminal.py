@@ -26,6 +26,7 @@ def header_lines(config: pytest.Config, session: DitSession) -> list[str]:
         f"{' from ' + cfg.prompt_source if cfg.prompt_source else ''}, {seed}, baselines in "
         f"{relative(cfg.baseline_dir, config.rootpath)}{' (UPDATING)' if cfg.update_baselines else ''}",
         f"ditredundancy: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}",
+        *(f"ditredundancy: {line}" for line in session.executor.header()),
     ]
 
 
@@ -83,12 +84,15 @@ class DitReporter:
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         bad, not_run = self.bad_tests(terminalreporter), self.tests_not_run()
-        if not self.dit.records and not bad and not not_run:
+        retried = self.dit.executor.retried()
+        if not self.dit.records and not bad and not not_run and not retried:
             return
         terminalreporter.section("ditredundancy")
         for line in summary_lines(self.dit.records, {model: len(ids) for model, ids in bad.items()},
                                   {model: len(ids) for model, ids in not_run.items()}):
             terminalreporter.write_line(line)
+        for retry in retried:  # a worker died: its work was computed again elsewhere (or not: then a test failed)
+            terminalreporter.write_line(f"retried work: {retry.line()}", yellow=True)
         if self.whole_suite_ran:
             self.dit.store.used = {Path(p).resolve() for p in self.dit.baselines_used}
             names = {self.dit.baseline_name_for(self.dit.spec(model)) for model in self.dit.selected_models()}

@@ -11,7 +11,11 @@ run uses. Each site's tensor size follows from the model's default size, frames 
 * **held** — the previous step's tensors the capture keeps alive between steps: one step of every series, in
   the model's dtype (kept by reference; a fused-projection slice keeps its whole fused output alive);
 * **transient** — scratch of one reduction, at most one site at a time: the eager path's float32 upcasts and
-  difference, or nothing for the fused kernel (:mod:`pytest_ditredundancy.capture.fused_stats`).
+  difference, or nothing for the fused kernel (:mod:`pytest_ditredundancy.capture.fused_stats`);
+* **peak** per memory mode (:mod:`pytest_ditredundancy.capture.batched_stats`): ``fast`` holds, on top of the
+  previous step, one transformer call's tensors until the call ends (their reduction is one kernel, with no
+  scratch): twice the held bytes for a model called once per step; ``low`` holds the previous step plus one
+  reduction's transient.
 
 The model's memory is its weights (exact, from the meta parameters) plus an activation floor: one block's live
 tensors at the longest sequence (input, Q, K, V and attention output, plus the MLP hidden state) — a lower
@@ -28,7 +32,7 @@ from torch import nn
 
 from ..capture.adapters import FusedSlice
 from ..capture.sites import DEFAULT_KINDS, CaptureSite, validate_kinds
-from ..zoo.real_configs import Geometry, build_on_meta, load_real_config, real_sites
+from ..zoo.real_configs import Geometry, RealConfig, build_on_meta, load_real_config, real_sites
 from ..zoo.registry import ModelSpec, get_spec
 
 IMAGE, TEXT, JOINT, TEXT_PER_FRAME = "image", "text", "joint", "text x frames"
@@ -113,6 +117,21 @@ class CapturePlan:
     def model_bytes(self) -> int:
         return self.weight_bytes + self.activation_bytes
 
+    @property
+    def call_bytes(self) -> int:
+        """One transformer call's captured tensors (every series of a call; guidance run as two calls has two)."""
+        return self.held_bytes // max((s.calls for s in self.sites), default=1)
+
+    def peak_bytes(self, memory: str, kinds: Iterable[str] | None = None) -> int:
+        """The capture's peak: ``fast`` the previous step plus one call's tensors held until the call ends;
+        ``low`` the previous step plus the eager transient (the per-tensor path at its worst)."""
+        held = self.held_bytes if kinds is None else self.held_for(kinds)
+        if memory == "fast":
+            return held + held // max((s.calls for s in self.sites), default=1)
+        if memory == "low":
+            return held + self.transient_bytes("eager")
+        raise ValueError(f"unknown memory mode {memory!r}: fast or low")
+
     def transient_bytes(self, path: str) -> int:
         """Peak scratch of one step's reductions: ``eager`` (step_stats on CUDA) or ``fused`` (none)."""
         if path == "fused":
@@ -141,23 +160,32 @@ def eager_transient_bytes(numel: int, upcast: bool) -> int:
     return numel * 4 * (2 + (2 if upcast else 0))
 
 
-def plan_capture(name: str, *, kinds: Iterable[str] = DEFAULT_KINDS, batch_size: int = 1) -> CapturePlan:
-    """The capture plan of registered model ``name`` at its default settings, built on the meta device."""
+def plan_capture(name: str, *, kinds: Iterable[str] = DEFAULT_KINDS, batch_size: int = 1, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, dtype: str | None = None,
+                 real: RealConfig | None = None) -> CapturePlan:
+    """The capture plan of registered model ``name``, built on the meta device: at its default size, frames
+    and dtype unless given (``real``: a changed copy of its shipped config, e.g. with fewer layers)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     spec = get_spec(name)
-    real = load_real_config(name)
+    real = real if real is not None else load_real_config(name)
     transformer = build_on_meta(real)
     wanted = validate_kinds(kinds)
     geometry = real.geometry
-    image_tokens = geometry.image_tokens(spec.height, spec.width, spec.num_frames)
+    height, width = height or spec.height, width or spec.width
+    frames = num_frames if num_frames is not None else spec.num_frames
+    dtype = dtype or spec.dtype
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}: {', '.join(DTYPE_BYTES)}")
+    image_tokens = geometry.image_tokens(height, width, frames)
     rows, calls = _rows_and_calls(spec, batch_size)
-    dtype_bytes = DTYPE_BYTES[spec.dtype]
-    every = _site_plans(spec, geometry, real_sites(real, transformer), image_tokens, rows, calls, dtype_bytes)
+    dtype_bytes = DTYPE_BYTES[dtype]
+    every = _site_plans(spec, geometry, real_sites(real, transformer), image_tokens, rows, calls, dtype_bytes,
+                        frames)
     parameters = sum(p.numel() for p in transformer.parameters())
     return CapturePlan(
-        model=spec.name, transformer_class=real.transformer_class, source=real.source, dtype=spec.dtype,
-        height=spec.height, width=spec.width, frames=spec.num_frames, guidance_scale=spec.guidance_scale,
+        model=spec.name, transformer_class=real.transformer_class, source=real.source, dtype=dtype,
+        height=height, width=width, frames=frames, guidance_scale=spec.guidance_scale,
         branch_layout=spec.branch_layout, batch_size=batch_size, image_tokens=image_tokens,
         text_tokens=geometry.text_tokens, parameters=parameters, weight_bytes=parameters * dtype_bytes,
         activation_bytes=_activation_floor(transformer, every, dtype_bytes),
@@ -174,9 +202,9 @@ def _rows_and_calls(spec: ModelSpec, batch_size: int) -> tuple[int, int]:
 
 
 def _site_plans(spec: ModelSpec, geometry: Geometry, sites: list[CaptureSite], image_tokens: int, rows: int,
-                calls: int, dtype_bytes: int) -> list[SitePlan]:
+                calls: int, dtype_bytes: int, frames: int | None) -> list[SitePlan]:
     tokens = {IMAGE: image_tokens, TEXT: geometry.text_tokens, JOINT: image_tokens + geometry.text_tokens,
-              TEXT_PER_FRAME: geometry.latent_frames(spec.num_frames) * geometry.text_tokens}
+              TEXT_PER_FRAME: geometry.latent_frames(frames) * geometry.text_tokens}
     plans = []
     for site in sites:
         stream = site_stream(spec.family, site.layer, site.kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..capture.batched_stats import CUDA_SHARE
 from .capture_plan import CapturePlan
 
 #: Lighter capture modes offered when the previous-step tensors are large: fewer kinds.
@@ -12,11 +13,13 @@ LIGHTER_KINDS = (("k", "v", "a"), ("a", "a_text"), ("a",))
 
 @dataclass(frozen=True)
 class Fit:
-    """Whether the model and the capture fit on a GPU of ``gpu_bytes``."""
+    """Whether the model and the capture fit on a GPU of ``gpu_bytes``: ``capture_bytes`` is the peak of the
+    memory mode ``auto`` would pick (``fast`` when it fits below :data:`CUDA_SHARE` of the GPU, else ``low``)."""
 
     gpu_bytes: int
     model_bytes: int
     capture_bytes: int
+    memory: str = "low"
 
     @property
     def model_fits(self) -> bool:
@@ -27,8 +30,11 @@ class Fit:
         return self.model_bytes + self.capture_bytes <= self.gpu_bytes
 
 
-def fit_on_gpu(plan: CapturePlan, gpu_bytes: int, path: str = "eager") -> Fit:
-    return Fit(gpu_bytes, plan.model_bytes, plan.held_bytes + plan.transient_bytes(path))
+def fit_on_gpu(plan: CapturePlan, gpu_bytes: int) -> Fit:
+    fast = plan.peak_bytes("fast")
+    if plan.model_bytes + fast <= CUDA_SHARE * gpu_bytes:
+        return Fit(gpu_bytes, plan.model_bytes, fast, "fast")
+    return Fit(gpu_bytes, plan.model_bytes, plan.peak_bytes("low"), "low")
 
 
 def human(n: float) -> str:
@@ -69,7 +75,11 @@ def format_plan(plan: CapturePlan, gpu_bytes: int | None = None) -> str:
         f"    capture, transient (eager path)        {human(plan.transient_bytes('eager')):>11}  "
         "float32 upcasts and difference of the largest tensor",
         f"    capture, transient (fused kernel)      {human(plan.transient_bytes('fused')):>11}",
-        "  lighter modes (capture_redundancy(pipe, kinds=...)): previous step held",
+        f"    capture peak, memory=fast              {human(plan.peak_bytes('fast')):>11}  previous step + one call's "
+        f"tensors ({human(plan.call_bytes)}) held until the call ends: one reduction kernel per call",
+        f"    capture peak, memory=low               {human(plan.peak_bytes('low')):>11}  previous step + the eager "
+        "transient: one reduction per tensor",
+        "  lighter modes: memory=low (above), and fewer kinds (capture_redundancy(pipe, kinds=...)): previous step held",
     ]
     for kinds in LIGHTER_KINDS:
         present = [k for k in kinds if k in plan.kinds]
@@ -89,9 +99,12 @@ def fit_verdict(plan: CapturePlan, gpu_bytes: int) -> str:
         return (f"WARNING: the transformer alone needs {human(fit.model_bytes)}, more than the GPU's "
                 f"{human(gpu_bytes)}: it does not fit, with or without capture (offload it or use a larger GPU)")
     if fit.fits:
-        return f"fits on a {human(gpu_bytes)} GPU: needs {need} (text encoders and VAE not counted)"
-    lighter = [k for k in LIGHTER_KINDS if fit.model_bytes + plan.held_for(k) + plan.transient_bytes("eager")
-               <= gpu_bytes and set(k) & set(plan.kinds)]
+        how = ("memory=auto picks fast" if fit.memory == "fast" else
+               "memory=auto picks low: one more call's tensors would not fit below "
+               f"{CUDA_SHARE:.0%} of the GPU")
+        return f"fits on a {human(gpu_bytes)} GPU: needs {need}, {how} (text encoders and VAE not counted)"
+    lighter = [k for k in LIGHTER_KINDS if fit.model_bytes + plan.peak_bytes("low", k) <= gpu_bytes
+               and set(k) & set(plan.kinds)]
     hint = (f"; it fits with kinds={','.join(k for k in lighter[0] if k in plan.kinds)}" if lighter
             else "; no lighter mode fits either: use a larger GPU or a smaller size/frame count")
     return f"WARNING: the capture would not fit next to the model on a {human(gpu_bytes)} GPU: needs {need}{hint}"

@@ -126,7 +126,7 @@ def run_profile(pipe: Any, request: RunRequest, *,
     noise_device = protocol.generator_device(_execution_device(pipe))
     prompts = request.prompts
     with capture_redundancy(pipe, kinds=request.kinds, sites=sites, branch_layout=layout,
-                            whole_batch=protocol.whole_batch) as cap:
+                            whole_batch=protocol.whole_batch, memory=request.capture_memory) as cap:
         for start, batch in batched(prompts, request.batch_size):
             generators = [torch.Generator(noise_device).manual_seed(seed) for seed in request.seeds(start, len(batch))]
             pipe(**call_kwargs(spec, settings, batch, pipe, generators))
@@ -165,7 +165,7 @@ def _profile_denoising_loop(loop: DenoisingLoop, request: RunRequest, *,
         prompt_offset=request.prompt_offset, run_kwargs=run_kwargs, model_id=spec.checkpoint, sites=sites,
         same_seed=protocol.same_seed, whole_batch=protocol.whole_batch,
         generator_device=protocol.generator_device(torch.device(device)) if device is not None else "cpu",
-        protocol=protocol.name, **sizes, extra=extra,
+        memory=request.capture_memory, protocol=protocol.name, **sizes, extra=extra,
     )
 
 

@@ -79,6 +79,9 @@ class RunRequest:
     prompt_offset: int = 0
     prompt_tag: str | None = None
     prompt_source: str = "shipped"
+    #: the capture's memory mode (capture.batched_stats; None: the capture's default): how, not what, it
+    #: measures, so not in the key
+    capture_memory: str | None = None
 
     @property
     def key(self) -> str:
@@ -108,7 +111,8 @@ def resolve_run(spec: ModelSpec, *, protocol: str | Protocol = "project", prompt
                 steps: int | None = None, scheduler: str | None = None, seed: int | None = None,
                 batch_size: int | None = None, height: int | None = None, width: int | None = None,
                 num_frames: int | None = None, guidance_scale: float | None = None,
-                kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0) -> RunRequest:
+                kinds: Iterable[str] = DEFAULT_KINDS, prompt_offset: int = 0,
+                capture_memory: str | None = None) -> RunRequest:
     """Build the :class:`RunRequest` of ``spec``: the protocol checks the model and transforms the spec, then
     picks what was not given (prompt set and count, seed, batch size, kinds).
 
@@ -137,7 +141,7 @@ def resolve_run(spec: ModelSpec, *, protocol: str | Protocol = "project", prompt
     return RunRequest(spec=spec, protocol=chosen, settings=settings, prompts=tuple(chosen_prompts),
                       batch_size=chosen.batch_size(batch_size), kinds=chosen.kinds(kinds),
                       prompt_offset=prompt_offset, prompt_tag=prompt_tag,
-                      prompt_source="shipped" if source == "default" else source)
+                      prompt_source="shipped" if source == "default" else source, capture_memory=capture_memory)
 
 
 __all__ = ["RunRequest", "RunSettings", "resolve_run", "settings_for"]

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from ..capture.environment import versions
 from ..io import atomic_write_text, plain
 from ..judging.verdicts import PAPER_CV_RANGE
+from . import tuning
 
 SCHEMA = "pytest-ditredundancy/report"
 SCHEMA_VERSION = 1
@@ -28,7 +29,7 @@ TIMING_FIELDS = ("created", "duration_s", "environment")
 SUITE_ORDER = ("prompt_stability", "step_stability", "scheduler_stability", "baseline_regression")
 SUITE_TITLES = {"prompt_stability": "Prompt stability", "step_stability": "Step-count stability",
                 "scheduler_stability": "Scheduler stability", "baseline_regression": "Baseline regression",
-                "model_distinctness": "Model distinctness"}
+                "model_distinctness": "Model distinctness", "cache_tune": "Cache tuning"}
 
 
 def jsonable(value: Any) -> Any:
@@ -108,6 +109,8 @@ def headline(suite: str, records: list[dict[str, Any]]) -> str:
         if any(r.get("updated") for r in records):
             return "baseline updated"
         return " · ".join(f"{int(r['value'])} of {r.get('cells', '?')} cells out of tolerance" for r in values)
+    if suite == tuning.SUITE:
+        return tuning.headline(records)
     failed = sum(not r["passed"] for r in records)
     return f"{len(records) - failed}/{len(records)} checks within bounds"
 
@@ -161,6 +164,7 @@ def _model_entry(model: str, records: list[dict], summaries: list[dict], tests: 
             "protocol": ", ".join(protocols) or protocol,
             "paper_family": family in paper, "status": status, "suites": ordered,
             "paper_cv": {r.get("kind", "?"): r["paper_cv"] for r in cvs},
+            "cache_tune": [tuning.search_summary(r) for r in suites.get(tuning.SUITE, {}).get("records", [])],
             "tests": {"total": len(own_tests), "bad": bad, "not_run": not_run},
             "profiles": sorted(summaries, key=lambda s: (not s["is_default"], s["label"]))}
 

@@ -14,6 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from ..io import atomic_write_text
+from . import tuning
 from .document import SUITE_ORDER, SUITE_TITLES, claim_not_met, kind_label
 
 #: models whose sections start open; more than this and every section starts closed (drawn when opened)
@@ -28,6 +29,7 @@ def _environment() -> Environment:
     env.filters["claim_not_met"] = claim_not_met
     env.filters["pct"] = lambda v: "–" if v is None else f"{v:.0%}"
     env.filters["pct1"] = lambda v: "–" if v is None else f"{v:.1%}"
+    env.filters["floors"] = tuning.floor_texts
     return env
 
 
@@ -59,7 +61,8 @@ def page_data(doc: dict[str, Any]) -> dict[str, Any]:
         models.append({"model": entry["model"], "profiles": entry["profiles"],
                        "records": [{k: r.get(k) for k in ("suite", "statistic", "value", "bounds", "passed", "variant",
                                                           "kind")} for r in records],
-                       "cache": [{k: r.get(k) for k in CACHE_FIELDS} for r in records if r["suite"] == "cache_gate"]})
+                       "cache": [{k: r.get(k) for k in CACHE_FIELDS} for r in records if r["suite"] == "cache_gate"],
+                       "tune": [tuning.search_view(r) for r in records if r["suite"] == tuning.SUITE]})
     return {"models": models, "open": len(models) <= OPEN_MODELS}
 
 
