@@ -46,7 +46,7 @@ QUICK_CONFIG: dict[str, dict[str, Any]] = {
     "LatteTransformer3DModel": {"num_layers": 1, "num_attention_heads": 2, "cross_attention_dim": 144},
     "MochiTransformer3DModel": {"num_layers": 1, "num_attention_heads": 2},
     "WanTransformer3DModel": {"num_layers": 1, "num_attention_heads": 2, "ffn_dim": 256},
-    "SanaTransformer2DModel": {"num_layers": 1, "num_attention_heads": 2, "num_cross_attention_heads": 2,
+    "SanaTransformer2DModel": {"num_layers": 1, "num_attention_heads": 7, "num_cross_attention_heads": 2,
                                "cross_attention_dim": 224},
     "STDiT3": {"depth": 1, "hidden_size": 128, "num_heads": 2},
 }

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BREAKDOWN_MODES = ("hooks_only", "read_previous", "eager", "fused")
+BREAKDOWN_MODES = ("hooks_only", "read_previous", "eager", "fused", "batched", "default")
 
 
 def test_quick_benchmark_reports_every_row_with_finite_numbers(tmp_path):
@@ -23,16 +23,20 @@ def test_quick_benchmark_reports_every_row_with_finite_numbers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))
     measures = [row["measure"] for row in report["rows"]]
-    for expected in ("capture overhead, eager", "capture overhead, fused", "memory", "batching",
-                     "vs reference, eager", "vs reference, fused", "one reduction at",
+    for expected in ("capture overhead, eager", "capture overhead, fused", "capture overhead, batched",
+                     "capture overhead, default", "capture overhead at 8 prompts batched", "memory", "batching",
+                     "vs reference, eager", "vs reference, fused", "vs reference, batched", "one reduction at",
                      "in the site hooks: hooks and bookkeeping alone", "in the site hooks: floor",
-                     "in the site hooks: eager statistics", "in the site hooks: fused statistics"):
+                     "in the site hooks: eager statistics", "in the site hooks: fused statistics",
+                     "in the site hooks: batched statistics", "in the site hooks: default capture"):
         assert any(m.startswith(expected) for m in measures), (expected, measures)
         assert expected.split(",")[0].split(":")[0] in done.stdout
     results = report["results"]
     assert results["overhead"]["outputs_identical"] is True
     fused = results["overhead"]["paths"]["fused"]["stats"]
     assert fused["fused_calls"] > 0 or fused["fallback"], fused  # without a C++ compiler: eager, with the reason
+    batched = results["overhead"]["paths"]["batched"]["stats"]
+    assert batched["memory"] == "fast" and (batched["call_kernels"] > 0 or batched["fallback"]), batched
     modes = results["breakdown"]["modes"]
     assert set(modes) == set(BREAKDOWN_MODES)
     for mode in BREAKDOWN_MODES:

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_ditredundancy.cache import (ENGINES, STRATEGIES, CacheDependencyError, CacheParameterError, CacheSpecError,
-                                        UnsupportedStrategy, applied, engine_of, parse_spec)
-from pytest_ditredundancy.cache import cachedit
-from pytest_ditredundancy.cache.apply import attention_modules
-from pytest_ditredundancy.cache.engines import CacheEngine, merge_counters
 from pytest_ditredundancy import load_model
+from pytest_ditredundancy.cache import (ENGINES, STRATEGIES, CacheDependencyError, CacheParameterError, CacheSpecError,
+                                        UnsupportedStrategy, applied, cachedit, engine_of, parse_spec)
+from pytest_ditredundancy.cache.apply import attention_modules
+from pytest_ditredundancy.cache.diffusers_cache import StrategyContext
+from pytest_ditredundancy.cache.engines import CacheEngine, merge_counters
 from pytest_ditredundancy.cache.measure import RunPlan, run_once
 from pytest_ditredundancy.cache.schedule import CacheSchedule
 from pytest_ditredundancy.cache.spec import Strategy
-from pytest_ditredundancy.profiling.runner import call_kwargs, resolve_run
+from pytest_ditredundancy.profiling.runner import call_kwargs, resolve_run, settings_for
 from pytest_ditredundancy.zoo import get_spec
 
 #: cache-dit is installed where these tests run in CI; without it only the tests that need no cache-dit run
@@ -124,6 +124,8 @@ def _config_of(imports: str, line: str):
     ("pab:spatial_attention_timestep_skip_range=-1..681,cross_attention_block_skip_range=3", {"has_enable_cache": True}),
     ("fastercache:attention_weight=0.3", {"has_enable_cache": True, "tensor_format": "BCHW",
                                           "is_guidance_distilled": False}),
+    ("fastercache", {"transformer_class": "PixArtTransformer2DModel",
+                     "context": StrategyContext(get_spec("tiny-pixart-alpha"), settings_for(get_spec("tiny-pixart-alpha")))}),
     ("magcache", {"has_enable_cache": False, "mag_ratios": [1.0, 0.99, 0.98], "steps": 3}),
     ("magcache:mag_ratios=flux", {"has_enable_cache": True, "steps": 20}),
     ("taylorseer:taylor_factors_dtype=float16,max_order=2", {"has_enable_cache": True}),
@@ -156,6 +158,12 @@ def test_code_lines_follow_the_transformer_and_the_run():
     assert _code("fbcache:threshold=0.2", transformer_class=FluxTransformer2DModel)[1] == (
         "pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))")
     assert "num_inference_steps=3" in _code("magcache", has_enable_cache=True, mag_ratios=[1.0, 1.0, 1.0], steps=3)[1]
+    flux, pixart = get_spec("tiny-flux-dev"), get_spec("tiny-pixart-alpha")
+    assert "is_guidance_distilled=True" in _code("fastercache", transformer_class=FluxTransformer2DModel,
+                                                 context=StrategyContext(flux, settings_for(flux)))[1]
+    line = _code("fastercache", transformer_class=PixArtTransformer2DModel,
+                 context=StrategyContext(pixart, settings_for(pixart)))[1]
+    assert "is_guidance_distilled=False, tensor_format='BCHW'" in line  # diffusers' default is a video layout
 
 
 @pytest.mark.parametrize("text,values,message", [
@@ -164,6 +172,7 @@ def test_code_lines_follow_the_transformer_and_the_run():
     ("magcache", {"has_enable_cache": True, "steps": 20}, "pass mag_ratios= (the calibrated ratios)"),
     ("magcache:mag_ratios=flux", {"has_enable_cache": True}, "needs steps="),
     ("profile", {}, "pass schedule_path="),
+    ("fastercache", {"has_enable_cache": True}, "needs is_guidance_distilled= and tensor_format= (or context="),
 ])
 def test_code_lines_say_what_they_miss(text, values, message):
     with pytest.raises(ValueError) as info:

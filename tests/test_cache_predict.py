@@ -221,8 +221,7 @@ def test_a_profile_with_shuffled_steps_predicts_worse():
 @settings(max_examples=60, deadline=None)
 @given(profiles, st.floats(0.02, 1.0), st.floats(0.2, 5.0), st.sampled_from(["fbcache", "cachedit", "magcache"]))
 def test_calibration_fits_a_run_of_a_rescaled_cache(profile, threshold, factor, strategy):
-    """A cache whose quantity is ``factor`` x the profile's: the calibrated predictor reproduces its run, and it
-    is never worse than the raw one on the run it was calibrated on."""
+    """A cache whose quantity is ``factor`` x the profile's: the calibrated predictor reproduces its run."""
     name = PREDICTORS[strategy].threshold
     params = {name: threshold, **({"warmup": 1} if strategy == "cachedit" else {})}
     truth = predictor_for(strategy, scale=factor).predict(profile, params)
@@ -250,8 +249,12 @@ def test_value_for_and_the_bound_predictor():
     bound = bind("fbcache", profile)
     assert bound.breakpoints("threshold", 0.01, 1.0) == predictor.breakpoints(profile, "threshold", 0.01, 1.0)
     measured = [0.0, 0.6, 0.0, 0.6, 0.6, 0.0, 0.6, 0.0, 0.0]
+    at_zero = bound.predicted("threshold", 0.0, [0.0] * 9)  # nothing to calibrate on at 0
+    assert at_zero["calibrated"] is None and at_zero["raw"]["wrong"] == 0 and bound.calibration is None
     first = bound.predicted("threshold", 0.2, measured)
-    assert first["raw"]["steps"] == 9 and first["calibrated"]["wrong"] <= first["raw"]["wrong"]
+    assert first["raw"]["steps"] == 9
+    fit = first["calibrated"]  # on its own run, calibration fits the count first, then the steps
+    assert (abs(fit["count_error"]), fit["wrong"]) <= (abs(first["raw"]["count_error"]), first["raw"]["wrong"])
     assert first["calibrated_on"] == 0.2 and bound.calibration is not None
     later = bound.predicted("threshold", 0.4, measured)
     assert later["calibrated_on"] == 0.2 and "scale" in later
@@ -363,7 +366,10 @@ def test_trained_pixart_fbcache_predicted_against_measured(pixart_runs):
     # measured here: 10 steps cached, 13 predicted, 5 steps wrong (docs/cache-tuning.md)
     assert error.measured_cached >= 6 and abs(error.count_error) <= 4 and error.wrong <= 7, error.as_dict()
     calibrated = FBCachePredictor().calibrated(profile, measured, {"threshold": 0.2})
-    assert calibrated.predict(profile, {"threshold": 0.2}).compare(measured).wrong <= error.wrong
+    fit = calibrated.predict(profile, {"threshold": 0.2}).compare(measured)
+    # the block residual changes about 1.5x as much as the first block's attention outputs: the count then fits,
+    # but the alternating steps come out of phase (docs/cache-tuning.md)
+    assert fit.count_error == 0 and 1 < calibrated.scale < 3, (calibrated, fit.as_dict())
 
 
 def test_trained_pixart_magcache_rule_replays_exactly_on_its_own_ratios(pixart_runs):

@@ -41,14 +41,7 @@ def applies_to(spec: Any) -> bool:
 
 
 def measure(prompts: Sequence[str], reference_images: Any, cached_images: Any) -> AdherenceResult:
-    from ..training.adherence import score
-
-    try:
-        reference, cached = score(reference_images, prompts), score(cached_images, prompts)
-    except ValueError as exc:
-        raise AdherenceError(
-            f"prompt adherence cannot be scored ({exc}); the trained models are gated on captions of their "
-            "shapes data: run them with --dit-prompts=shapes") from None
+    reference, cached = _scores(prompts, reference_images, cached_images)
     return AdherenceResult(float(reference.all_correct.mean()), float(cached.all_correct.mean()),
                            dict(cached.accuracy), reference.changed(cached), len(list(prompts)))
 
@@ -75,16 +68,21 @@ def drop_failure(result: AdherenceResult, device_class: str) -> str | None:
 def retention(prompts: Sequence[str], reference_images: Any, cached_images: Any) -> float:
     """Share of the samples the uncached run gets right (shape and colour) that the cached run still gets right:
     the tuning floor ``adherence`` (1.0: the cache loses no sample)."""
-    from ..training.adherence import score
-
-    try:
-        reference, cached = score(reference_images, prompts), score(cached_images, prompts)
-    except ValueError as exc:
-        raise AdherenceError(
-            f"prompt adherence cannot be scored ({exc}); the trained models are gated on captions of their "
-            "shapes data: run them with --dit-prompts=shapes") from None
+    reference, cached = _scores(prompts, reference_images, cached_images)
     right = reference.all_correct
     if not right.any():
         raise AdherenceError("the uncached run gets no sample right (shape and colour), so an adherence floor has "
                              "nothing to keep; use more prompts or drop the adherence floor")
     return float((right & cached.all_correct).sum() / right.sum())
+
+
+def _scores(prompts: Sequence[str], reference_images: Any, cached_images: Any) -> tuple[Any, Any]:
+    """The classifier's reading of both runs' images (AdherenceError when the prompts are not its captions)."""
+    from ..training.adherence import score
+
+    try:
+        return score(reference_images, prompts), score(cached_images, prompts)
+    except ValueError as exc:
+        raise AdherenceError(
+            f"prompt adherence cannot be scored ({exc}); the trained models are gated on captions of their "
+            "shapes data: run them with --dit-prompts=shapes") from None

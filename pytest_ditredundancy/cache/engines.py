@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from . import cachedit
 from .base import RunTracker
-from .diffusers_cache import _APPLY, DiffusersCacheApplier, strategy_failure
+from .diffusers_cache import _APPLY, _BFCHW, DiffusersCacheApplier, _guidance, strategy_failure
 from .reuse import ScheduleApplier
 from .schedule import CacheSchedule, ScheduleError
 from .spec import EXTRA_PARAMS, STRATEGIES, CacheSpec
@@ -133,8 +133,8 @@ class DiffusersEngine(CacheEngine):
 
     def _arguments(self, spec: CacheSpec, values: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
         """The config's keyword arguments as source text, and the extra imports they need. ``values``:
-        ``tensor_format``/``is_guidance_distilled`` (FasterCache's detected layout), ``steps`` and
-        ``mag_ratios`` (MagCache: the run's step count and its calibrated ratios)."""
+        FasterCache's layout (see :meth:`_faster_cache_layout`), ``steps`` and ``mag_ratios`` (MagCache: the
+        run's step count and its calibrated ratios)."""
         extra = EXTRA_PARAMS.get(spec.strategy, set())
         args = {key: _literal(value) for key, value in spec.params.items() if key not in extra}
         imports: list[str] = []
@@ -143,9 +143,7 @@ class DiffusersEngine(CacheEngine):
                 args["spatial_attention_block_skip_range"] = "2"  # what the gate runs (diffusers sets none)
             args["current_timestep_callback"] = _TIMESTEP
         elif spec.strategy == "fastercache":
-            for key in ("tensor_format", "is_guidance_distilled"):
-                if key not in args and values.get(key) is not None:
-                    args[key] = _literal(values[key])
+            args.update(self._faster_cache_layout(spec, values))
             args["current_timestep_callback"] = _TIMESTEP
             args["attention_weight_callback"] = f"lambda _: {_literal(spec.params.get('attention_weight', 0.5))}"
         elif spec.strategy == "magcache":
@@ -163,6 +161,26 @@ class DiffusersEngine(CacheEngine):
             args["taylor_factors_dtype"] = f"torch.{spec.params['taylor_factors_dtype']}"
             imports.append("import torch")
         return args, imports
+
+    @staticmethod
+    def _faster_cache_layout(spec: CacheSpec, values: dict[str, Any]) -> dict[str, str]:
+        """FasterCache's ``is_guidance_distilled`` and ``tensor_format`` as the gate detects them (diffusers'
+        defaults, no CFG split and video layout, would be wrong for image models): given in the spec or in
+        ``values``, else from ``context`` (the run's ``StrategyContext``) and ``transformer_class``."""
+        context = values.get("context")
+        distilled = spec.params.get("is_guidance_distilled", values.get("is_guidance_distilled"))
+        if distilled is None and context is not None:
+            distilled = _guidance(context) == "none"
+        layout = spec.params.get("tensor_format", values.get("tensor_format"))
+        if layout is None and context is not None and not distilled:
+            cls = values.get("transformer_class")
+            name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
+            layout = "BCHW" if not context.model.is_video else "BFCHW" if name in _BFCHW else "BCFHW"
+        if distilled is None or (layout is None and not distilled):
+            raise ValueError("fastercache's code line needs is_guidance_distilled= and tensor_format= (or context=, "
+                             "the run's StrategyContext, with transformer_class=)")
+        return {"is_guidance_distilled": _literal(bool(distilled)),
+                **({} if distilled else {"tensor_format": _literal(layout)})}
 
     def code_imports(self, spec: CacheSpec, **values: Any) -> list[str]:
         config = STRATEGIES[spec.strategy].diffusers_config

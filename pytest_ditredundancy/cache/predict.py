@@ -335,8 +335,8 @@ def predictor_for(strategy: str, **options: Any) -> Predictor:
 @dataclass
 class BoundPredictor:
     """A predictor with its profile and a search's fixed parameters: what the tuning asks of the prediction. The
-    first measured point of the searched threshold calibrates the scale (:meth:`Predictor.calibrated`); every later
-    point then reports the raw and the calibrated error (the calibrating point's own calibrated error is in-sample)."""
+    first measured point of the searched threshold above 0 calibrates the scale (:meth:`Predictor.calibrated`);
+    every later point then reports the raw and the calibrated error (the calibrating point's own is in-sample)."""
 
     predictor: Predictor
     profile: RedundancyProfile
@@ -359,7 +359,7 @@ class BoundPredictor:
 
     def predicted(self, param: str, value: float, measured: Sequence[float]) -> dict[str, Any]:
         """The prediction for ``param=value`` and its error against the measured shares, as plain builtins."""
-        if self.calibration is None and param == self.predictor.threshold:
+        if self.calibration is None and param == self.predictor.threshold and value > 0:  # at 0 nothing is learnt
             self.calibrate(param, value, measured)
         raw = self.prediction(param, value)
         out: dict[str, Any] = {"strategy": raw.strategy, "param": param, "value": value,

@@ -1,5 +1,5 @@
-"""The machinery behind :mod:`.predict`: predictions and their errors, parameters, the replay-based breakpoint
-search and the calibration, and what the profile offers (attention outputs grouped by transformer block).
+"""The machinery behind :mod:`.predict`: predictions and their errors, the kinds of parameters, the replay-based
+breakpoint search and the calibration. It knows nothing of a particular cache or of what a profile holds.
 
 A :class:`Predictor` replays a cache's decision rule on a per-step quantity estimated from the profile. The rule's
 threshold is compared with values that depend on the earlier decisions (the reference is only refreshed on a
@@ -317,10 +317,12 @@ class Predictor:
         return min(zip(tries, counts), key=lambda tc: (abs(tc[1] - cached_steps), tc[0]))[0]
 
     def calibrated(self, profile: RedundancyProfile, measured: Sequence[float],
-                   params: Mapping[str, Any] | None = None) -> "Predictor":
-        """A predictor whose threshold is rescaled so that this one measured run is predicted best: the profile's
-        attention outputs and the cache's block residuals may differ in scale while the steps keep their order.
-        A family without a threshold (the profile schedule: exact by construction) comes back unchanged."""
+                   params: Mapping[str, Any] | None = None) -> Predictor:
+        """A predictor whose threshold is rescaled to fit one measured run: the profile's attention outputs and the
+        cache's block residuals may differ in scale. The scale fits the *number* of cached steps first, then which
+        steps (a scale moves the level of the indicator, not the order of its steps; fitting the positions of one
+        run chases its noise: on the trained models that made other thresholds worse). A family without a
+        threshold (the profile schedule: exact by construction) comes back unchanged."""
         if self.threshold is None:
             return type(self)(scale=1.0, **self._options())
         values = self.values(params)
@@ -330,17 +332,16 @@ class Predictor:
                                     "skips nothing, whatever the scale)")
         ctx = self.context(profile)
         got = _measured(measured, ctx.steps) > 0
-        bps = self.pieces(ctx, values, 0.0, math.inf)
-        edges = [0.0, *bps]
-        reps = [(a + b) / 2 if a > 0 else b / 2 for a, b in zip(edges, edges[1:])] + [2 * edges[-1] if edges[-1] else 1.0]
+        edges = [0.0, *self.pieces(ctx, values, 0.0, math.inf)]
+        tries = [(a + b) / 2 if a > 0 else b / 2 for a, b in zip(edges, edges[1:])] + [2 * edges[-1] or 1.0]
         current = given / self.scale
-        def badness(eff: float) -> tuple[int, float]:
-            wrong = int(((self.trace(ctx, values, eff)[0] > 0) != got).sum())
-            return wrong, abs(math.log(eff / current)) if eff > 0 else math.inf
-        best = min(reps, key=badness)
-        if badness(current)[0] <= badness(best)[0]:
-            best = current
-        return type(self)(scale=given / best, **self._options())
+
+        def misfit(eff: float) -> tuple[int, int]:
+            cached = self.trace(ctx, values, eff)[0] > 0
+            return abs(int(cached.sum()) - int(got.sum())), int((cached != got).sum())
+
+        best = min(tries, key=lambda eff: (misfit(eff), abs(math.log(eff / current))))
+        return type(self)(scale=self.scale if misfit(current) <= misfit(best) else given / best, **self._options())
 
     def pieces(self, ctx: Any, values: dict[str, Any], lo: float, hi: float) -> list[float]:
         """Threshold values (profile units) in ``(lo, hi)`` where the replayed pattern changes."""

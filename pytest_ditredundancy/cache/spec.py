@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 class CacheSpecError(ValueError):
@@ -209,21 +209,26 @@ def parse_spec(text: str) -> CacheSpec:
     return CacheSpec(strategy=name, params=params, text=canonical)
 
 
-def parse_specs(values: list[str]) -> list[CacheSpec]:
-    """Parse every ``--dit-cache`` value. Option lists are split on commas before we see them, so a piece
-    ``key=value`` without a strategy name continues the spec before it (``profile:budget=0.3,threshold=0.05``)."""
+def join_continued(values: Sequence[str]) -> list[str]:
+    """Option lists are split on commas before we see them: a piece ``key=value`` without a strategy name
+    continues the value before it (``profile:budget=0.3``, ``threshold=0.05`` -> one spec)."""
     joined: list[str] = []
     for value in values:
         piece = str(value).strip()
         if not piece:
             continue
-        head = piece.split(":", 1)[0]
-        if joined and "=" in head and ":" not in piece.split("=", 1)[0]:
+        if joined and "=" in piece and ":" not in piece.split("=", 1)[0]:
             joined[-1] += "," + piece
         else:
             joined.append(piece)
+    return joined
+
+
+def parse_specs(values: list[str]) -> list[CacheSpec]:
+    """Parse every ``--dit-cache`` value. Option lists are split on commas before we see them, so a piece
+    ``key=value`` without a strategy name continues the spec before it (``profile:budget=0.3,threshold=0.05``)."""
     specs, seen = [], set()
-    for text in joined:
+    for text in join_continued(values):
         spec = parse_spec(text)
         if spec.text in seen:
             raise CacheSpecError(f"--dit-cache={spec.text} is given twice")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from .floors import Floors, Quality
-from .spec import STRATEGIES, CacheSpec, CacheSpecError, parse_spec
+from .spec import STRATEGIES, CacheSpec, CacheSpecError, join_continued, parse_spec
 
 #: the parameters a search may tune, per strategy: each skips more as it grows
 TUNABLE: dict[str, tuple[str, ...]] = {
@@ -111,15 +111,8 @@ def _bounds(raw: str, key: str, value: str) -> tuple[float, float]:
 def parse_tunes(values: Sequence[str]) -> list[TuneSpec]:
     """Every ``--dit-cache-tune`` value; a piece ``key=value`` without a strategy continues the one before it
     (option lists are split on commas before they reach us)."""
-    joined: list[str] = []
-    for value in values:
-        piece = str(value).strip()
-        if piece and joined and ":" not in piece.split("=", 1)[0]:
-            joined[-1] += "," + piece
-        elif piece:
-            joined.append(piece)
     specs, seen = [], set()
-    for text in joined:
+    for text in join_continued(values):
         spec = parse_tune(text)
         if spec.text in seen:
             raise TuneSpecError(f"--dit-cache-tune={spec.text} is given twice")

@@ -166,10 +166,14 @@ class CallBatch:
                 item.series.stats[item.slot] = step_stats(item.current, None, item.rows)
             else:
                 pairs.append(item)
-        if batched and len(pairs) > 1 and self._batched(pairs):
-            return
+        by_device: dict[torch.device, list[Pending]] = {}  # a model split over devices: one kernel per device
         for item in pairs:
-            item.series.stats[item.slot] = self.statistics(item.current, item.previous, item.rows)
+            by_device.setdefault(item.current.device, []).append(item)
+        for group in by_device.values():
+            if batched and len(group) > 1 and self._batched(group):
+                continue
+            for item in group:
+                item.series.stats[item.slot] = self.statistics(item.current, item.previous, item.rows)
 
     def _batched(self, pairs: list[Pending]) -> bool:
         stats = self.statistics

@@ -8,7 +8,7 @@ usage error before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -117,20 +117,29 @@ def cache_options(config: pytest.Config) -> CacheOptions:
     return config.stash[CACHE_OPTIONS_KEY]
 
 
+def _params(items: tuple, placeholder: str, reason: str) -> list:
+    """One parameter per selected item (id = its canonical text), or one skipped placeholder saying how to select."""
+    if not items:
+        return [pytest.param(None, id=placeholder, marks=pytest.mark.skip(reason=reason))]
+    return [pytest.param(item.text, id=item.text) for item in items]
+
+
+def _value(request: pytest.FixtureRequest, reason: str, parse: Callable[[str], Any]) -> Any:
+    """A parametrized fixture's value, parsed again from its text (xdist workers receive the text)."""
+    text = getattr(request, "param", None)
+    if text is None:
+        pytest.skip(reason)
+    return parse(text)
+
+
 def parameters(config: pytest.Config) -> list:
     """``dit_cache`` parameters: one per selected spec (id = the spec), or one skipped placeholder."""
-    specs = cache_options(config).specs
-    if not specs:
-        return [pytest.param(None, id="no-strategy", marks=pytest.mark.skip(reason=NO_STRATEGY_REASON))]
-    return [pytest.param(spec.text, id=spec.text) for spec in specs]
+    return _params(cache_options(config).specs, "no-strategy", NO_STRATEGY_REASON)
 
 
 def spec_of(request: pytest.FixtureRequest) -> CacheSpec:
     """The ``dit_cache`` fixture's value."""
-    text = getattr(request, "param", None)
-    if text is None:
-        pytest.skip(NO_STRATEGY_REASON)
-    return parse_spec(text)
+    return _value(request, NO_STRATEGY_REASON, parse_spec)
 
 
 NO_TUNE_REASON = ("no cache tuning selected: pass --dit-cache-tune=STRATEGY:PARAM=LO..HI (e.g. "
@@ -140,15 +149,9 @@ NO_TUNE_REASON = ("no cache tuning selected: pass --dit-cache-tune=STRATEGY:PARA
 
 def tune_parameters(config: pytest.Config) -> list:
     """``dit_cache_tune`` parameters: one per selected search (id = the search), or one skipped placeholder."""
-    tunes = cache_options(config).tunes
-    if not tunes:
-        return [pytest.param(None, id="no-tuning", marks=pytest.mark.skip(reason=NO_TUNE_REASON))]
-    return [pytest.param(tune.text, id=tune.text) for tune in tunes]
+    return _params(cache_options(config).tunes, "no-tuning", NO_TUNE_REASON)
 
 
 def tune_of(request: pytest.FixtureRequest) -> TuneSpec:
     """The ``dit_cache_tune`` fixture's value."""
-    text = getattr(request, "param", None)
-    if text is None:
-        pytest.skip(NO_TUNE_REASON)
-    return parse_tune(text)
+    return _value(request, NO_TUNE_REASON, parse_tune)

@@ -25,7 +25,7 @@ import torch
 from ..capture.environment import device_class
 from ..capture.profile import RedundancyProfile
 from ..judging.baselines import BaselineStore, safe_name
-from ..judging.suites import SuiteJudge, SuiteSkipped
+from ..judging.suites import SuiteJudge
 from ..profiling.executor_registry import get_executor
 from ..profiling.executors import Executor, ExecutorError, ExecutorSettings, LocalExecutor, RemoteWorkError
 from ..profiling.protocol_registry import get_protocol
@@ -219,7 +219,9 @@ class DitSession:
     def prefetch(self, items: Iterable[pytest.Item]) -> None:
         """Hand the executor the requests the collected tests will ask for: each tested model's own (every
         selected model when the cross-model suite runs), then, as speculative work, the stability suites'
-        variants. A local executor ignores them; a pool starts on them at once."""
+        variants. Only a pool that spreads the work wants them; it starts on them at once."""
+        if not self.executor.spreads_work:
+            return
         models: dict[str, None] = {}
         for item in items:
             model = getattr(getattr(item, "callspec", None), "params", {}).get("dit_model")
@@ -248,7 +250,7 @@ class DitSession:
         for variants in (judge.step_variants, judge.scheduler_variants):
             try:
                 found += list(variants().values())
-            except SuiteSkipped:
+            except Exception:  # SuiteSkipped, or a problem the suite reports itself when it runs
                 continue
         return found
 

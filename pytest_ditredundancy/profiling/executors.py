@@ -78,6 +78,8 @@ class Executor:
     spreads_work: ClassVar[bool] = False
     #: the ``ExecutorSettings`` fields beyond device, dtype and seed that it reads (their options apply to it)
     options: ClassVar[tuple[str, ...]] = ()
+    #: keeps its pipelines in this process (``load`` gives them); else they live in its workers (``call``)
+    pipelines_here: ClassVar[bool] = False
 
     def __init__(self, settings: ExecutorSettings, load: Callable[[ModelSpec], Any]) -> None:
         """``load(spec)``: the session's loaded pipeline of ``spec``, in this process (the local executor
@@ -135,6 +137,7 @@ class LocalExecutor(Executor):
 
     name = "local"
     summary = "in the pytest process (or each xdist worker), one loaded pipeline at a time"
+    pipelines_here = True
 
     def header(self) -> list[str]:
         return []

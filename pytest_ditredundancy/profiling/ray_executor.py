@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-from urllib.parse import urlsplit
 
 import torch
 
@@ -29,41 +28,14 @@ from ..zoo.registry import ModelSpec
 from .executors import (Executor, ExecutorError, ExecutorSettings, Part, Progress, RemoteWorkError, RetriedWork,
                         WorkerInfo, join_parts, parts_for, split_request)
 from .pool_worker import PoolWorker
+from .ray_connect import INSTALL, check_reachable, connect, import_ray
 from .settings import RunRequest
 
-INSTALL = "pip install 'pytest-ditredundancy[ray]'"
 #: how many times one part is computed again after its actor died, before the run gives up on it
 MAX_RETRIES = 2
-#: seconds to wait for a TCP connection to the cluster's address before calling it unreachable
-CONNECT_TIMEOUT = 5.0
+#: seconds a pool waits for its first actor to start before its work fails (a cluster without free resources)
+START_TIMEOUT = 600.0
 log = logging.getLogger("pytest_ditredundancy")
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ExecutorError(f"--dit-executor=ray needs Ray, which is not installed here: {INSTALL}") from None
-    return ray
-
-
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """``host:port`` (the head's GCS) or ``ray://host:port`` (Ray Client) must accept a TCP connection;
-    Ray itself retries an unreachable address for minutes."""
-    parts = urlsplit(address if "://" in address else f"gcs://{address}")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host, port = None, None
-    if not host or port is None:
-        raise ExecutorError(f"--dit-ray-address={address} is not a cluster address: give host:port of the head "
-                            "node (e.g. raycluster-head-svc:6379), ray://host:10001, 'auto' (a cluster started on "
-                            "this machine with 'ray start') or 'local'")
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        raise ExecutorError(f"the Ray cluster at {address} is unreachable ({exc.strerror or exc}); start it, or fix "
-                            "--dit-ray-address / RAY_ADDRESS (on KubeRay: the head service, port 6379)") from None
 
 
 class _RayWorker(PoolWorker):
@@ -116,7 +88,7 @@ class RayExecutor(Executor):
         super().__init__(settings, load)
         self.ray = import_ray()
         self.address = settings.address or os.environ.get("RAY_ADDRESS") or None
-        self.started = self._connect()
+        self.started = connect(self.ray, self.address)
         resources = self.ray.cluster_resources()
         self.gpu = settings.device not in ("cpu", "mps") and resources.get("GPU", 0) >= 1
         if settings.device.startswith("cuda") and not self.gpu:
@@ -133,26 +105,6 @@ class RayExecutor(Executor):
         self._stopping = False
         self._thread = threading.Thread(target=self._dispatch, name="ditredundancy-ray", daemon=True)
         self._thread.start()
-
-    def _connect(self) -> bool:
-        """Join the cluster (or start a local instance); True when this executor started Ray."""
-        ray = self.ray
-        if ray.is_initialized():  # a caller (a test, a notebook) joined a cluster already
-            return False
-        address = self.address
-        if address and address not in ("auto", "local"):
-            check_reachable(address)
-        try:
-            if address and address != "local":
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExecutorError(f"could not join the Ray cluster {address or '(local instance)'}: {first}. Check "
-                                "--dit-ray-address / RAY_ADDRESS; a cluster with token authentication needs "
-                                "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
-        return True
 
     def _start_worker(self) -> _Worker:
         handle = self._actor.remote(device="cuda" if self.gpu else "cpu", dtype=self.settings.dtype,
@@ -257,7 +209,8 @@ class RayExecutor(Executor):
             except self.ray.exceptions.RayTaskError as exc:
                 raise _cause(exc) from None
             except self._deaths() as exc:
-                self._died(worker, None, exc)
+                with self._lock:
+                    self._died(worker, None, exc)
                 continue
             worker.model = spec.name
             return result
@@ -270,18 +223,47 @@ class RayExecutor(Executor):
                 errors.ObjectLostError)
 
     def _dispatch(self) -> None:
+        started = time.monotonic()
         while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                self._assign()
-                running = {w.ref: w for w in self._workers if w.item is not None}
-                if not running:
-                    self._lock.wait(0.2)
-                    continue
-            ready, _ = self.ray.wait(list(running), num_returns=1, timeout=0.2)
-            for ref in ready:
-                self._finish(running[ref], ref)
+            try:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    if started is not None:
+                        started = self._check_started(started)
+                    self._assign()
+                    running = {w.ref: w for w in self._workers if w.item is not None}
+                    if not running:
+                        self._lock.wait(0.2)
+                        continue
+                ready, _ = self.ray.wait(list(running), num_returns=1, timeout=0.2)
+                for ref in ready:
+                    self._finish(running[ref], ref)
+            except Exception as exc:  # the dispatcher must never die silently: every waiting test would hang
+                with self._lock:
+                    self._fail_all(RemoteWorkError(f"the Ray dispatcher failed: {type(exc).__name__}: {exc}"))
+                    self._stopping = True
+                return
+
+    def _check_started(self, since: float) -> float | None:
+        """None once an actor has started; a pool none of whose actors starts (no free GPU or CPU in the
+        cluster) fails its work after :data:`START_TIMEOUT` seconds instead of waiting for ever."""
+        if any(self._info(w) is not None for w in self._workers):
+            return None
+        if time.monotonic() - since > START_TIMEOUT:
+            kind = "GPU" if self.gpu else "CPU"
+            self._fail_all(RemoteWorkError(
+                f"no Ray actor started within {START_TIMEOUT:.0f} s: the cluster has no free {kind} for them "
+                f"(see 'ray status'; --dit-ray-actors sets how many the run asks for)"))
+        return since
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job in self._jobs.values():
+            if not job.done.is_set():
+                job.error = job.error or error
+                job.done.set()
+        self._pending = []
+        self._lock.notify_all()
 
     def _assign(self) -> None:
         """Give each idle actor the next part: one a test waits for, then one of the model it has loaded, in
@@ -292,9 +274,16 @@ class RayExecutor(Executor):
             item = min(self._pending, key=lambda it: (not it.job.wanted, it.job.request.spec.name != worker.model,
                                                       it.order))
             self._pending.remove(item)
-            worker.item, worker.model = item, item.job.request.spec.name
             part = item.part
-            worker.ref = worker.handle.profile.remote(item.job.request.shard(part.start, part.end))
+            try:
+                worker.ref = worker.handle.profile.remote(item.job.request.shard(part.start, part.end))
+            except Exception as exc:  # the request cannot be sent (e.g. code the nodes cannot import)
+                item.job.error = RemoteWorkError(f"{part.label(item.job.request)} could not be sent to a Ray actor: "
+                                                 f"{type(exc).__name__}: {exc}")
+                self._pending = [it for it in self._pending if it.job is not item.job]
+                item.job.done.set()
+                continue
+            worker.item, worker.model = item, item.job.request.spec.name
 
     def _finish(self, worker: _Worker, ref: Any) -> None:
         item = worker.item
@@ -364,12 +353,8 @@ class RayExecutor(Executor):
             if self._stopping:
                 return
             self._stopping = True
-            workers, self._workers, self._pending = list(self._workers), [], []
-            for job in self._jobs.values():
-                if not job.done.is_set():
-                    job.error = job.error or RemoteWorkError("the run ended before this profile was computed")
-                    job.done.set()
-            self._lock.notify_all()
+            workers, self._workers = list(self._workers), []
+            self._fail_all(RemoteWorkError("the run ended before this profile was computed"))
         self._thread.join(timeout=10)
         for worker in workers:
             try:
