@@ -35,7 +35,7 @@ def baseline(pytester: pytest.Pytester, model: str) -> tuple[Path, dict]:
 def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester):
     setup(pytester)
     args = ["suites", "--dit-model=tiny-pixart-alpha", "--dit-cache=profile:budget=0.3", "--dit-cache=fbcache:threshold=0.2", *FAST]
-    pytester.runpytest_subprocess(*args, "--dit-update-baselines").assert_outcomes(passed=6, skipped=1)
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines").assert_outcomes(passed=6, skipped=2)
     path, data = baseline(pytester, "tiny-pixart-alpha")
     section = data["suites"]["cache_gate"]
     assert set(section) == {"profile:budget=0.3", "fbcache:threshold=0.2"}
@@ -47,7 +47,7 @@ def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester
     records(pytester)
 
     result = pytester.runpytest_subprocess(*args)
-    result.assert_outcomes(passed=6, skipped=1)
+    result.assert_outcomes(passed=6, skipped=2)
     result.stdout.fnmatch_lines(["tiny-pixart-alpha: ok;*cache profile:budget=0.3 PSNR * skip 29% x*"])
     found = {r["strategy"]: r for r in records(pytester)}
     record = found["profile:budget=0.3"]

@@ -67,7 +67,8 @@ def test_an_unrelated_project_runs_as_if_the_plugin_were_not_installed(unrelated
     assert not state["torch"]  # nothing imported torch
     light = {f"pytest_ditredundancy{name}" for name in ("", ".io", ".plugin", ".plugin.declared", ".plugin.options", ".plugin.relay",
                                                         ".profiling", ".profiling.prompts", ".profiling.schedulers",
-                                                        ".judging", ".judging.tolerances")}
+                                                        ".judging", ".judging.tolerances", ".plugin.cache_options",
+                                                        ".cache", ".cache.spec", ".cache.floors", ".cache.tuning")}
     assert set(state["ours"]) <= light, state["ours"]  # the plugin module and its option table's light helpers
     assert "ditredundancy:" not in with_plugin.stdout  # no header, no summary section
     plugins = json.loads((unrelated / "plugins.json").read_text())

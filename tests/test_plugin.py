@@ -205,13 +205,13 @@ def test_update_then_compare_then_damaged_baseline(pytester):
     use_suites(pytester)
     args = ["suites", "--dit-model=tiny-dit-xl-2-256", *FAST]
     created = pytester.runpytest_subprocess(*args, "--dit-update-baselines")
-    created.assert_outcomes(passed=4, skipped=2)  # the cache gate skips without --dit-cache
+    created.assert_outcomes(passed=4, skipped=3)  # the cache gate and tuning skip without --dit-cache(-tune)
     files = list((pytester.path / "baselines" / "tiny-dit-xl-2-256").glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
     assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
     assert data["profile"]["layers"] and data["metadata"]["device_class"] == "cpu"
-    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4, skipped=2)
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4, skipped=3)
 
     # updating one suite keeps the others' sections
     before = data["suites"]["step_stability"]
@@ -277,15 +277,15 @@ def test_parallel_run_matches_serial_and_keeps_every_section(pytester):
     pytest.importorskip("xdist")
     use_suites(pytester)
     args = ["suites", "--dit-model=tiny-dit-xl-2-256,tiny-pixart-alpha", *FAST]
-    pytester.runpytest_subprocess(*args, "-n", "2", "--dit-update-baselines").assert_outcomes(passed=9, skipped=2)
+    pytester.runpytest_subprocess(*args, "-n", "2", "--dit-update-baselines").assert_outcomes(passed=9, skipped=4)
     for model in ("tiny-dit-xl-2-256", "tiny-pixart-alpha"):
         data = json.loads(next((pytester.path / "baselines" / model).glob("*.json")).read_text())
         assert set(data["suites"]) == {"prompt_stability", "step_stability", "scheduler_stability"}
         assert "profile" in data
     parallel = pytester.runpytest_subprocess(*args, "-n", "2")
-    parallel.assert_outcomes(passed=9, skipped=2)
+    parallel.assert_outcomes(passed=9, skipped=4)
     serial = pytester.runpytest_subprocess(*args)
-    serial.assert_outcomes(passed=9, skipped=2)
+    serial.assert_outcomes(passed=9, skipped=4)
     summary = [line for line in serial.stdout.lines if line.startswith("tiny-")]
     assert summary and all(line in parallel.stdout.lines for line in summary)
 

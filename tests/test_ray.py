@@ -347,3 +347,21 @@ def test_ctrl_c_cancels_the_work_and_leaves_the_baselines_alone(ray_address, tmp
     while ray.available_resources().get("CPU", 0) < 2:  # the outstanding work was cancelled, the actors ended
         assert time.monotonic() < deadline, "the interrupted run left its actors working"
         time.sleep(0.1)
+
+
+def test_the_cache_gate_and_tuning_run_on_actors_and_agree_with_a_local_run(ray_address, tmp_path):
+    """Every pass of the cache gate and the tuning runs where the pipeline is (a remote plan); what they store with
+    Ray is what a local run then measures again, inside the CPU tolerances."""
+    use_suites(tmp_path)
+    cache = ["suites/test_cache_gate.py", "suites/test_cache_tune.py", "--dit-cache=profile:budget=0.3",
+             "--dit-cache=fbcache:threshold=0.2", "--dit-cache-tune=fbcache:threshold=0.05..0.5",
+             "--dit-cache-floor=psnr:40", "--no-dit-cache-transfer", "--dit-cache-repeats=1"]
+    ray = _run(tmp_path, *RUN, *cache, "--dit-update-baselines", "--dit-executor=ray",
+               f"--dit-ray-address={ray_address}", "--dit-ray-actors=2")
+    assert ray.returncode == 0, ray.stdout[-3000:] + ray.stderr[-3000:]
+    assert "3 passed" in ray.stdout, ray.stdout[-2000:]
+    stored = json.loads(next((tmp_path / "baselines" / "tiny-pixart-alpha").glob("*.json")).read_text())
+    assert set(stored["suites"]["cache_gate"]) == {"profile:budget=0.3", "fbcache:threshold=0.2"}
+    assert stored["suites"]["cache_tune"]["fbcache:threshold=0.05..0.5"]["recommendation"] is not None
+    local = _run(tmp_path, *RUN, *cache)
+    assert local.returncode == 0 and "3 passed" in local.stdout, local.stdout[-3000:]

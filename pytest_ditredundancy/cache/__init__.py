@@ -1,17 +1,38 @@
-"""Cache gate: from a redundancy profile to a cache schedule, and regression gates for caching strategies.
+"""Cache gate and cache tuning: from a redundancy profile to a cache schedule, regression gates for caching
+strategies, and the search for the fastest setting that keeps quality floors.
 
 ``spec`` parses ``--dit-cache``; ``schedule`` derives and stores profile schedules; ``apply`` runs a
 pipeline with a strategy through its engine (``engines``: our schedule's reuse hooks in ``reuse``,
-``diffusers_cache`` for diffusers' caches, ``cachedit`` for cache-dit);
-``measure`` counts skipped compute and times runs; ``quality`` compares outputs; ``check`` is the suite.
+``diffusers_cache`` for diffusers' caches, ``cachedit`` for cache-dit); ``measure`` counts skipped compute and
+times runs; ``quality`` compares outputs; ``floors``, ``tuning``, ``tune_runs``, ``tune_verdict`` and
+``predict`` are the tuning.
+
+The names below are imported on first use (PEP 562): the plugin parses ``--dit-cache`` and ``--dit-cache-tune``
+at configure time through ``spec``, ``floors`` and ``tuning``, which must not pay for torch.
 """
 
-from .apply import CacheBatchError, UnsupportedStrategy, applied
-from .base import CacheDependencyError, CacheParameterError
-from .engines import ENGINES, CacheEngine, engine_of
-from .schedule import CacheSchedule, ScheduleError, derive_mask, schedule_from_profile
-from .spec import STRATEGIES, CacheSpec, CacheSpecError, parse_spec, parse_specs
+from __future__ import annotations
 
-__all__ = ["ENGINES", "STRATEGIES", "CacheBatchError", "CacheDependencyError", "CacheEngine", "CacheParameterError",
-           "CacheSchedule", "CacheSpec", "CacheSpecError", "ScheduleError", "UnsupportedStrategy", "applied",
-           "derive_mask", "engine_of", "parse_spec", "parse_specs", "schedule_from_profile"]
+from importlib import import_module
+from typing import Any
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "CacheBatchError": "base", "UnsupportedStrategy": "base", "CacheDependencyError": "base",
+    "CacheParameterError": "base", "applied": "apply", "ENGINES": "engines", "CacheEngine": "engines",
+    "engine_of": "engines", "CacheSchedule": "schedule", "ScheduleError": "schedule", "derive_mask": "schedule",
+    "schedule_from_profile": "schedule", "STRATEGIES": "spec", "CacheSpec": "spec", "CacheSpecError": "spec",
+    "parse_spec": "spec", "parse_specs": "spec", "Floors": "floors", "parse_floors": "floors", "TuneSpec": "tuning",
+    "parse_tune": "tuning", "search": "tuning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

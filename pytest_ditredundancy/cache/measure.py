@@ -106,7 +106,7 @@ class RunPlan:
     def context(self, **overrides: Any) -> StrategyContext:
         return StrategyContext(self.model, self.settings, **overrides)
 
-    # Everything the cache gate and the tuning ask of a plan goes through these three methods, so a plan
+    # Everything the cache gate and the tuning ask of a plan goes through these methods, so a plan
     # whose pipeline lives elsewhere (another process, another machine) can stand in for this one.
     def run(self, spec: CacheSpec | None = None, *, schedule: CacheSchedule | None = None,
             context: StrategyContext | None = None, count: bool = False) -> "RunResult":
@@ -120,6 +120,10 @@ class RunPlan:
     def calibrate_magcache(self, spec: CacheSpec) -> list[float]:
         """MagCache's magnitude ratios for this plan (see :func:`calibrate_magcache`)."""
         return calibrate_magcache(self, spec)
+
+    def transformer_class(self) -> type:
+        """The class of the pipeline's transformer (what the line of code that applies a cache depends on)."""
+        return type(self.pipe.transformer)
 
     def at(self, settings: RunSettings) -> "RunPlan":
         """The same plan at other settings (a step-count or scheduler variant)."""
@@ -230,7 +234,7 @@ def budget_sweep(plan: RunPlan, schedule: CacheSchedule, budgets: Sequence[float
     for order in ("cheapest", "costliest"):
         for budget in budgets:
             variant = with_budget(schedule, budget, order)
-            result = run_once(plan, spec, schedule=variant)
+            result = plan.run(spec, schedule=variant)
             points.append(SweepPoint(budget, order, variant.skipped_fraction, variant.predicted_error,
                                      latent_mse(reference.latents, result.latents)))
     return points
@@ -258,7 +262,7 @@ def premise_test(plan: RunPlan, schedule: CacheSchedule, reference: RunResult, c
     points = []
     for layer, step in probe_cells(schedule, cells):
         probe = single_cell(schedule, (layer, step))
-        result = run_once(plan, spec, schedule=probe)
+        result = plan.run(spec, schedule=probe)
         points.append(PremisePoint(schedule.layers[layer], step, probe.predicted_error,
                                    latent_mse(reference.latents, result.latents)))
     return points

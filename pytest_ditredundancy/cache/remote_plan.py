@@ -1,8 +1,8 @@
 """A run plan whose pipeline lives in a pool worker (``--dit-executor=ray``), for the cache gate and tuning.
 
-Everything the gate asks of a :class:`~pytest_ditredundancy.cache.measure.RunPlan` goes through ``run``,
-``layer_names`` and ``calibrate_magcache``; :class:`RemotePlan` runs each of them on an actor that holds the
-model (a plain local plan is built there around its pipeline) and gets back plain data: a ``RunResult`` (images
+Everything the gate and the tuning ask of a :class:`~pytest_ditredundancy.cache.measure.RunPlan` goes through
+``run``, ``layer_names``, ``calibrate_magcache`` and ``transformer_class``; :class:`RemotePlan` runs each of them
+on an actor that holds the model (a plain local plan is built there around its pipeline) and gets back plain data: a ``RunResult`` (images
 as numpy arrays, final latents, seconds timed on the actor, counts), layer names, ratios. Nothing holds a
 pipeline in the pytest process. :func:`plan_on` picks the plan for where the executor keeps its pipelines.
 """
@@ -37,6 +37,9 @@ class RemotePlan(RunPlan):
     def calibrate_magcache(self, spec: CacheSpec) -> list[float]:
         return self._call(_calibrate_magcache, spec)
 
+    def transformer_class(self) -> type:
+        return self._call(_transformer_class)
+
     def _call(self, function: Any, *args: Any) -> Any:
         if self.executor is None:
             raise ValueError("a RemotePlan needs the executor that holds its pipeline")
@@ -66,6 +69,10 @@ def _layer_names(pipe: Any, fields: dict[str, Any]) -> list[str]:
 
 def _calibrate_magcache(pipe: Any, fields: dict[str, Any], spec: CacheSpec) -> list[float]:
     return RunPlan(pipe, **fields).calibrate_magcache(spec)
+
+
+def _transformer_class(pipe: Any, fields: dict[str, Any]) -> type:
+    return RunPlan(pipe, **fields).transformer_class()
 
 
 __all__ = ["RemotePlan", "plan_on"]

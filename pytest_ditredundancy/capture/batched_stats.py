@@ -42,6 +42,10 @@ CPU_SHARE = 0.25
 #: costs 2 to 20 s once (a second process reads inductor's disk cache), recovered within a 20-step profile only
 #: from a few million elements. The benchmark model has 5.8 M; the tiny models at 8 prompts stay below.
 CPU_MIN_CALL_ELEMENTS = 1 << 21
+#: Threads of the CPU call kernel. One: an OpenMP loop per tensor meets a barrier per tensor, and on a shared
+#: machine a thread that loses its core stalls every one of them (p90 of a call 25.6 ms against 9.1 ms on one
+#: thread, 2 cores at load 6); one thread also leaves no second OpenMP pool spinning beside torch's own.
+CPU_KERNEL_THREADS = 1
 #: Most compiled call kernels one process keeps; beyond, the per-tensor path.
 MAX_CALL_KERNELS = 32
 
@@ -247,5 +251,10 @@ def call_graph(flat: list[torch.Tensor], rows: list[int]) -> torch.fx.GraphModul
 
 
 def compile_call(flat: list[torch.Tensor], rows: list[int]) -> Callable[[list], tuple]:
-    """Inductor's kernel for :func:`call_graph` at these inputs (see :func:`fused_stats.compile_graph`)."""
-    return compile_graph(call_graph(flat, rows), flat)
+    """Inductor's kernel for :func:`call_graph` at these inputs (see :func:`fused_stats.compile_graph`); on CPU
+    with :data:`CPU_KERNEL_THREADS` threads."""
+    from torch._inductor import config
+
+    threads = CPU_KERNEL_THREADS if flat[0].device.type == "cpu" else config.cpp.threads
+    with config.patch({"cpp.threads": threads}):
+        return compile_graph(call_graph(flat, rows), flat)

@@ -227,7 +227,7 @@ class TuneCheck(CacheInputs):
         from ..cache.spec import parse_spec
 
         setting = parse_spec(point.setting)
-        values: dict[str, Any] = {"transformer_class": type(tuner.plan.pipe.transformer),
+        values: dict[str, Any] = {"transformer_class": tuner.plan.transformer_class(),
                                   "steps": tuner.plan.settings.steps}
         if setting.strategy == "magcache":
             values["mag_ratios"] = tuner.context_for(setting).mag_ratios if tuner.context_for else None

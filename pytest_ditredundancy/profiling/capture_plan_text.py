@@ -81,9 +81,11 @@ def format_plan(plan: CapturePlan, gpu_bytes: int | None = None) -> str:
         "transient: one reduction per tensor",
         "  lighter modes: memory=low (above), and fewer kinds (capture_redundancy(pipe, kinds=...)): previous step held",
     ]
+    shown: set[tuple[str, ...]] = set()
     for kinds in LIGHTER_KINDS:
         present = [k for k in kinds if k in plan.kinds]
-        if present and tuple(present) != plan.kinds:
+        if present and tuple(present) != plan.kinds and tuple(present) not in shown:
+            shown.add(tuple(present))
             held = plan.held_for(present)
             lines.append(f"    kinds={','.join(present):<34} {human(held):>11}  = {held / model:.1%} of the model")
     if gpu_bytes is not None:
