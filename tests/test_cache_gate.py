@@ -64,7 +64,7 @@ def test_suites_with_profile_schedule_and_fbcache_store_gate_and_record(pytester
     data["suites"]["cache_gate"]["profile:budget=0.3"]["bounds"]["skipped"] = [0.0, 0.1]
     path.write_text(json.dumps(data))
     result = pytester.runpytest_subprocess(*args, "-k", "cache_gate")
-    result.assert_outcomes(failed=2, deselected=5)
+    result.assert_outcomes(failed=2, deselected=6)
     text = result.stdout.str()
     assert "cache gate of tiny-pixart-alpha with profile:budget=0.3 changed" in text
     assert "below its bound" in text and "output quality regressed" in text

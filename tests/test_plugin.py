@@ -215,12 +215,12 @@ def test_update_then_compare_then_damaged_baseline(pytester):
 
     # updating one suite keeps the others' sections
     before = data["suites"]["step_stability"]
-    pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-k", "prompt").assert_outcomes(passed=1, deselected=5)
+    pytester.runpytest_subprocess(*args, "--dit-update-baselines", "-k", "prompt").assert_outcomes(passed=1, deselected=6)
     assert json.loads(files[0].read_text())["suites"]["step_stability"] == before
 
     files[0].write_text(files[0].read_text()[:200])
     damaged = pytester.runpytest_subprocess(*args, "-k", "baseline")
-    damaged.assert_outcomes(failed=1, deselected=5)
+    damaged.assert_outcomes(failed=1, deselected=6)
     damaged.stdout.fnmatch_lines([f"*baseline *{files[0].name} is corrupt or truncated*--dit-update-baselines*"])
     assert len(files[0].read_text()) == 200  # never overwritten without the flag
 
