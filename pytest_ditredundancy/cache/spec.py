@@ -227,11 +227,17 @@ def join_continued(values: Sequence[str]) -> list[str]:
 def parse_specs(values: list[str]) -> list[CacheSpec]:
     """Parse every ``--dit-cache`` value. Option lists are split on commas before we see them, so a piece
     ``key=value`` without a strategy name continues the spec before it (``profile:budget=0.3,threshold=0.05``)."""
-    specs, seen = [], set()
+    return parse_each(values, parse_spec, lambda text: CacheSpecError(f"--dit-cache={text} is given twice"))
+
+
+def parse_each(values: Sequence[str], parse: Callable[[str], Any], twice: Callable[[str], Exception]) -> list[Any]:
+    """Each value of a repeatable option parsed (continued pieces joined first); one whose canonical ``text`` was
+    seen already raises ``twice(text)``."""
+    parsed, seen = [], set()
     for text in join_continued(values):
-        spec = parse_spec(text)
-        if spec.text in seen:
-            raise CacheSpecError(f"--dit-cache={spec.text} is given twice")
-        seen.add(spec.text)
-        specs.append(spec)
-    return specs
+        item = parse(text)
+        if item.text in seen:
+            raise twice(item.text)
+        seen.add(item.text)
+        parsed.append(item)
+    return parsed

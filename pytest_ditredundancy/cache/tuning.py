@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from .floors import Floors, Quality
-from .spec import STRATEGIES, CacheSpec, CacheSpecError, join_continued, parse_spec
+from .spec import STRATEGIES, CacheSpec, CacheSpecError, parse_each, parse_spec
 
 #: the parameters a search may tune, per strategy: each skips more as it grows
 TUNABLE: dict[str, tuple[str, ...]] = {
@@ -111,14 +111,7 @@ def _bounds(raw: str, key: str, value: str) -> tuple[float, float]:
 def parse_tunes(values: Sequence[str]) -> list[TuneSpec]:
     """Every ``--dit-cache-tune`` value; a piece ``key=value`` without a strategy continues the one before it
     (option lists are split on commas before they reach us)."""
-    specs, seen = [], set()
-    for text in join_continued(values):
-        spec = parse_tune(text)
-        if spec.text in seen:
-            raise TuneSpecError(f"--dit-cache-tune={spec.text} is given twice")
-        seen.add(spec.text)
-        specs.append(spec)
-    return specs
+    return parse_each(values, parse_tune, lambda text: TuneSpecError(f"--dit-cache-tune={text} is given twice"))
 
 
 @dataclass
