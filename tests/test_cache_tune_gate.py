@@ -156,3 +156,21 @@ def test_the_tuned_setting_is_rechecked_and_retuned_at_other_steps_and_scheduler
         assert t["holds"] == (not t["failures"]) and t["runs"] >= 2
         assert t["tuned_value"] is None or 0.1 <= t["tuned_value"] <= 0.6
     assert transfer["steps x2"]["settings_key"].startswith("steps12-")
+
+
+def test_an_update_is_held_to_the_stored_floors_and_a_retune_keeps_them(pytester):
+    setup(pytester)
+    run(pytester, SEARCH, "--dit-cache-floor=psnr:40", "--dit-update-baselines", "-k", "cache_tune").assert_outcomes(
+        passed=1)
+    # re-tuning without floors given keeps the stored ones
+    run(pytester, SEARCH, "--dit-update-baselines", "-k", "cache_tune").assert_outcomes(passed=1)
+    assert stored(pytester)[1]["suites"]["cache_tune"]["profile:budget=0.1..0.6"]["floors"] == {"psnr": 40.0}
+    # a cache-gate update of a setting below the stored floors is refused, with no floors on the command line
+    path, data = stored(pytester)
+    data["suites"]["cache_tune"]["profile:budget=0.1..0.6"]["floors"] = {"psnr": 99.0}
+    path.write_text(json.dumps(data))
+    result = run(pytester, "--dit-cache=profile:budget=0.5", "--dit-update-baselines", "-k", "cache_gate")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "breaks the floors psnr:99 (stored with the tuning profile:budget=0.1..0.6)" in text
+    assert "cache_gate" not in stored(pytester)[1]["suites"]
