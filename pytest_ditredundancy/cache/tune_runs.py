@@ -8,7 +8,6 @@ pipeline lives elsewhere can stand in. The uncached reference run is measured on
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -153,7 +152,3 @@ def transfer(value: float, variants: Sequence[tuple[str, Tuner]], cliff_db: floa
                             None if chosen is None else chosen.skipped.get("transformer", 0.0),
                             len(there.runs)))
     return out
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

@@ -27,11 +27,12 @@ from ..cache import adherence
 from ..cache.base import CacheBatchError, CacheDependencyError, CacheParameterError, UnsupportedStrategy
 from ..cache.engines import engine_of
 from ..cache.measure import RunPlan, RunResult, budget_sweep, premise_test, skipped_fractions, speedup, time_interleaved
-from ..cache.quality import PSNR_CAP, latent_mse, nonfinite_share, psnr, spearman, ssim
+from ..cache.quality import PSNR_CAP, latent_mse, psnr, spearman, ssim
 from ..cache.schedule import CacheSchedule, ScheduleError, schedule_from_profile
 from ..cache.spec import CacheSpec
 from ..judging.baselines import BaselineError
 from ..cache.floors import FloorError, Floors, Quality
+from ..cache.tune_runs import NonFiniteRun, require_finite
 from ..cache.tune_verdict import judge_unstored
 from ..cache.tuning import TunePoint
 from .cache_runs import CacheInputs, memo
@@ -167,13 +168,11 @@ class CacheCheck(CacheInputs):
         return Floors(), ""
 
     def _require_finite(self, reference: RunResult, cached: RunResult) -> None:
-        for label, run in (("uncached", reference), (f"cached ({self.strategy})", cached)):
-            for what, values in (("decoded output", run.images), ("final latents", run.latents)):
-                share = nonfinite_share(values)
-                if share:
-                    pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: the {label} run's {what} are "
-                                f"non-finite ({share:.1%} NaN/inf); nothing can be judged or stored from it",
-                                pytrace=False)
+        try:
+            require_finite("uncached", reference)
+            require_finite(f"cached ({self.strategy})", cached)
+        except NonFiniteRun as exc:
+            pytest.fail(f"cache gate {self.strategy} on {self.spec.name}: {exc}", pytrace=False)
 
     def measure(self, plan: RunPlan, reference: RunResult, cached: RunResult, schedule: CacheSchedule | None,
                 context: Any) -> dict[str, Any]:
