@@ -86,7 +86,9 @@ def test_a_tuning_is_stored_gated_and_fails_when_the_frontier_moves(pytester):
     assert (pytester.path / "dit-cache-tune" / "tiny-pixart-alpha--profile--budget--0.1..0.6.schedule.json").exists()
 
     # the same code and model: the stored frontier is measured again and holds (floors come from the baseline)
-    run(pytester, SEARCH, "-k", "cache_tune").assert_outcomes(passed=1)
+    result = run(pytester, SEARCH, "-k", "cache_tune")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"tiny-pixart-alpha: ok; tuned profile:budget -> {chosen['value']:.4g}: skip *% PSNR *"])
 
     # other floors than the stored ones: tune again
     result = run(pytester, SEARCH, "--dit-cache-floor=psnr:45", "-k", "cache_tune")
