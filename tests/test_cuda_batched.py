@@ -15,18 +15,12 @@ import torch
 from pytest_ditredundancy import capture_redundancy, load_model
 from pytest_ditredundancy.capture.batched_stats import compile_call
 from pytest_ditredundancy.capture.fused_stats import compile_fused
+from test_cuda import activations  # values over six decades, both signs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 CALL = dict(prompt=["a red bus", "a cat"], num_inference_steps=5, height=32, width=32, output_type="latent",
             use_resolution_binning=False, clean_caption=False)
-
-
-def activations(shape, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    magnitude = 10 ** (torch.rand(shape, generator=generator) * 6 - 3)
-    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
-    return sign * magnitude
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
