@@ -153,6 +153,9 @@ def test_the_session_fails_a_test_with_the_message_that_names_the_node(tmp_path)
         def profile(self, request, *, progress=None):
             raise ModelLoadError("could not load 'x'\n(loading failed on node worker-3 (10.0.4.17), worker pid 88)")
 
+        def call(self, spec, function, *args, **kwargs):
+            raise ModelLoadError("could not load 'x'\n(loading failed on node worker-3 (10.0.4.17), worker pid 88)")
+
     session = DitSession(config=DitConfig(prompts=("a red bus",), num_prompts=1), store=BaselineStore(tmp_path),
                          slot=PipelineSlot("cpu", "float32", 0))
     session._executor = Refusing(ExecutorSettings(), load=None)

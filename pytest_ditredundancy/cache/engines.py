@@ -11,6 +11,7 @@ so nothing else compares strategy names.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 from . import cachedit
@@ -33,24 +34,24 @@ class Applier(Protocol):
     def skipped_steps(self) -> list[int] | None: ...
 
 
-class CacheEngine:
+class CacheEngine(ABC):
     """Base of the engines; subclasses set ``name`` and override what differs."""
 
     name = ""
 
+    @abstractmethod
     def applier(self, tracker: RunTracker, spec: CacheSpec, *, schedule: CacheSchedule | None = None,
                 context: Any = None) -> Applier | None:
         """The applier for one ``applied`` block (``None``: nothing to install)."""
-        raise NotImplementedError(f"{type(self).__name__} makes no applier")
 
     def code_imports(self, spec: CacheSpec, **values: Any) -> list[str]:
         """The import lines :meth:`code_line` needs."""
         return []
 
+    @abstractmethod
     def code_line(self, spec: CacheSpec, **values: Any) -> str:
         """The one line that applies ``spec`` to a pipeline named ``pipe`` outside this harness. ``values``
         carry what the spec alone does not say (each engine documents the ones it needs; others are ignored)."""
-        raise NotImplementedError(f"{type(self).__name__} writes no code line")
 
     def failure(self, exc: BaseException) -> str | None:
         """Where the strategy made a pipeline raise whose uncached run succeeded; ``None``: not the strategy's

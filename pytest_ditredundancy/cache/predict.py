@@ -14,8 +14,6 @@ other attention of the block): the scale may differ while the ordering of steps 
 from one measured run. Where the ordering does not hold either the errors show it; docs/cache-tuning.md has the
 numbers measured on the trained models.
 
-    from pytest_ditredundancy.cache.predict import FBCachePredictor
-
     predictor = FBCachePredictor()
     prediction = predictor.predict(profile, {"threshold": 0.2})
     prediction.cached_steps, prediction.compare(measured_shares).as_dict()

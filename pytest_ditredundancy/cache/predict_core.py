@@ -10,6 +10,7 @@ compared, nothing can change. Plain numpy.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -92,7 +93,7 @@ def _measured(measured: Sequence[float], steps: int) -> np.ndarray:
 
 # -- parameters: how each kind of parameter moves the pattern -------------------------------------------------------
 @dataclass(frozen=True)
-class Param:
+class Param(ABC):
     """A strategy parameter the prediction reads. Subclasses say where the predicted pattern can change."""
 
     name: str
@@ -110,8 +111,9 @@ class Param:
                                     f"got {value}")
         return float(value)
 
+    @abstractmethod
     def breakpoints(self, predictor: "Predictor", ctx: Any, values: dict[str, Any], lo: float, hi: float) -> list[float]:
-        raise NotImplementedError
+        """The values in ``(lo, hi)`` where this parameter changes the predicted pattern."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def _right(x: float) -> float:
 
 
 # -- the predictors ---------------------------------------------------------------------------------------------
-class Predictor:
+class Predictor(ABC):
     """Predicts one strategy family's skip pattern from a profile; ``scale`` rescales its threshold (calibration)."""
 
     strategy: ClassVar[str]
@@ -241,19 +243,19 @@ class Predictor:
         return f"{type(self).__name__}(scale={self.scale:g})"
 
     # what a family defines
+    @abstractmethod
     def context(self, profile: RedundancyProfile) -> Any:
         """What the replay needs from the profile, whatever the parameters (built once per prediction or search;
         it has ``steps``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def series(self, ctx: Any, values: dict[str, Any]) -> np.ndarray:
         """Per step, the quantity the cache thresholds, as the profile estimates it (NaN at step 0)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trace(self, ctx: Any, values: dict[str, Any], eff: float | None) -> tuple[np.ndarray, list[float]]:
         """Replay the cache's rule: per-step skipped share, and the values compared with the threshold ``eff``
         (the threshold in profile units; ``values`` holds the parameters as given)."""
-        raise NotImplementedError
 
     def candidates(self, ctx: Any, name: str, values: dict[str, Any]) -> list[float]:
         raise PredictInputError(f"{self.strategy}: {name} has no fixed change points")

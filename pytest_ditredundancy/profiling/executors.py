@@ -15,6 +15,7 @@ whole batches of the request, so every pipeline call sees the same prompts as in
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -69,7 +70,7 @@ class RetriedWork:
         return f"{self.work}: worker {self.failed_on} died ({self.reason}); {where}"
 
 
-class Executor:
+class Executor(ABC):
     """What every executor answers; subclasses decide where the pipelines live and the profiles are computed."""
 
     name: ClassVar[str] = ""
@@ -114,15 +115,15 @@ class Executor:
         """The run's known requests, as early as they are known; ``speculative`` ones may never be asked for.
         An executor that computes each profile when asked ignores them."""
 
+    @abstractmethod
     def profile(self, request: RunRequest, *, progress: Progress | None = None) -> RedundancyProfile:
         """The profile of ``request``."""
-        raise NotImplementedError(f"{type(self).__name__} does not say how it computes a profile")
 
+    @abstractmethod
     def call(self, spec: ModelSpec, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``function(pipeline, *args, **kwargs)`` where ``spec``'s pipeline lives. ``function`` must be
         importable by name where it runs, and its result plain data (numbers, arrays, tensors, dataclasses of
         them; never a module)."""
-        raise NotImplementedError(f"{type(self).__name__} does not say where it runs a pipeline")
 
     def retried(self) -> list[RetriedWork]:
         """Work whose worker died and that ran again elsewhere."""
