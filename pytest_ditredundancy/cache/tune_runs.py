@@ -142,9 +142,11 @@ def transfer(value: float, variants: Sequence[tuple[str, Tuner]], cliff_db: floa
     there too over the same range and floors."""
     out = []
     for label, there in variants:
-        point = there.evaluate(value)
-        point.failures = there.floors.failures(point.quality)
         result = there.search(cliff_db)
+        point = next((p for p in result.points if round(p.value, 12) == round(value, 12)), None)
+        if point is None:  # the search there did not try this value: one more run
+            point = there.evaluate(value)
+            point.failures = there.floors.failures(point.quality)
         chosen = result.recommendation
         out.append(Transfer(label, there.plan.settings.key(), value, point.passes, point.quality.as_dict(),
                             point.skipped.get("transformer", 0.0), point.failures,
