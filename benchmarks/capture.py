@@ -82,7 +82,8 @@ PATHS: dict[str, dict[str, str]] = {"eager": {"stats": "eager", "memory": "low"}
 def stats_summary(cap) -> dict[str, Any]:
     """What ran: the step statistics' counts plus the memory mode chosen and the call kernels launched."""
     return {**cap.step_statistics.summary(), "memory": cap.memory.chosen, "memory_reason": cap.memory.reason,
-            "call_kernels": cap.batch.launches, "compile_seconds": cap.step_statistics.compile_seconds
+            "call_kernels": cap.batch.launches, "call_kernel": ", ".join(sorted(cap.batch.backends)) or None,
+            "compile_seconds": cap.step_statistics.compile_seconds
             + cap.batch.compile_seconds}
 
 
@@ -460,7 +461,7 @@ def build_rows(cfg: Config, device: torch.device, res: dict[str, Any]) -> list[d
     for path in PATHS:
         po = ov["paths"][path]
         st = po["stats"]
-        how = f"{st['path']} ({st['kernel']})" if st["fused_calls"] else "eager"
+        how = f"{st['path']} ({st.get('call_kernel') or st['kernel']})" if st["fused_calls"] else "eager"
         if st["fallback"]:
             how += f", fell back: {st['fallback']}"
         rows.append({

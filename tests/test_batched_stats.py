@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pytest_ditredundancy import capture_redundancy
-from pytest_ditredundancy.capture import batched_stats, fused_stats
+from pytest_ditredundancy.capture import batched_stats, cpu_kernel, fused_stats
 from pytest_ditredundancy.capture.batched_stats import CPU_MIN_CALL_ELEMENTS, MemoryChoice, choose_memory, compile_call
 from pytest_ditredundancy.capture.fused_stats import compile_fused
 from pytest_ditredundancy.capture.metrics import step_stats
@@ -75,11 +75,14 @@ def test_fast_memory_equals_the_per_tensor_path_with_one_kernel_per_call(tiny_pi
     assert torch.equal(plain, out_fast) and torch.equal(plain, out_low)
     summary = fast.metadata.extra["step_stats"]
     series = sum(len(r.series) for r in cap.runs)
-    # one launch per transformer call with a previous step (steps 2..5), covering every series
-    assert summary["call_kernels"] == 4 and summary["fused_calls"] == 4 * series
+    # one launch per transformer call (the first one's tensors paired with themselves), covering every series;
+    # a first step is not counted as a fused reduction, as on the per-tensor path
+    assert summary["call_kernels"] == 5 and summary["fused_calls"] == 4 * series
     assert summary["memory_chosen"] == "fast" and low.metadata.extra["step_stats"]["call_kernels"] == 0
+    # on CPU the call kernel is the OpenMP one (cpu_kernel): same sums, other summation order
+    assert summary["call_kernel"] == cpu_kernel.BACKEND and low.metadata.extra["step_stats"]["call_kernel"] is None
     for metric in fast.values:
-        np.testing.assert_array_equal(fast.values[metric], low.values[metric])
+        np.testing.assert_allclose(fast.values[metric], low.values[metric], rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(fast.values[metric], eager.values[metric], rtol=5e-6, atol=1e-9)
 
 
@@ -149,7 +152,7 @@ def test_auto_decides_by_call_size_on_cpu(tiny_pipeline_cache, monkeypatch):
         [step_stats(inputs[2 * i], inputs[2 * i + 1], r) for i, r in enumerate(rows)], 1),))
     monkeypatch.setattr(batched_stats, "_CALL_KERNELS", {})
     _, profile, cap = run(pipe, memory="auto", stats="auto")
-    assert cap.memory.chosen == "fast" and profile.metadata.extra["step_stats"]["call_kernels"] == 4
+    assert cap.memory.chosen == "fast" and profile.metadata.extra["step_stats"]["call_kernels"] == 5
 
 
 def test_choose_memory_on_cuda_counts_the_peak_and_one_more_call(monkeypatch):
@@ -188,6 +191,10 @@ def test_a_failing_call_compilation_falls_back_per_tensor(tiny_pipeline_cache, m
     def broken(flat, rows):
         raise RuntimeError("C++ compile error: out of memory")
 
+    def no_cpu_kernel(flat, rows):
+        raise cpu_kernel.KernelUnavailable("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernel, "pair_kernel", no_cpu_kernel)
     monkeypatch.setattr(batched_stats, "compile_call", broken)
     monkeypatch.setattr(fused_stats, "_KERNELS", {})
     monkeypatch.setattr(fused_stats, "compile_fused", lambda x, p: lambda inputs: (step_stats(*inputs, x.shape[0]),))

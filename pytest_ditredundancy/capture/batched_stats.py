@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from .fused_stats import _fused_rows, compile_graph
-from .metrics import step_stats
+from . import cpu_kernel
+from .fused_stats import _fused_rows, compile_graph, row_chunk
 
 MEMORY_MODES = ("auto", "fast", "low")
 ENV_MEMORY = "DITREDUNDANCY_CAPTURE_MEMORY"
@@ -62,7 +62,7 @@ def check_memory_mode(mode: str) -> str:
     return mode
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A recorded tensor waiting for its call's end: where its statistics go, and what they are of."""
 
@@ -146,6 +146,8 @@ class CallBatch:
     pending: list[Pending] = field(default_factory=list)
     launches: int = 0  # multi-tensor kernel calls
     compile_seconds: float = 0.0
+    backends: set[str] = field(default_factory=set)  # which call kernels ran
+    cpu_kernel_note: str | None = None  # why inductor ran instead of the CPU call kernel
 
     def add(self, item: Pending) -> None:
         self.pending.append(item)
@@ -158,20 +160,17 @@ class CallBatch:
     def flush(self, batched: bool, on_mutated: Callable[[Pending], None]) -> None:
         """Reduce every pending pair into its slot: with the call's kernel where ``batched``, else one by one.
 
-        A current tensor the model changed in place after its hook (its version moved) has lost the value it
-        had: ``on_mutated`` marks that step, and it is reduced as a first step (no pair)."""
+        A series' first step (no previous tensor) goes into the call's kernel too, paired with itself, its dot
+        product then zeroed: the same numbers as :func:`~pytest_ditredundancy.capture.metrics.step_stats` with no
+        previous step, without one eager reduction per tensor in the first call. A current tensor the model
+        changed in place after its hook (its version moved) has lost the value it had: ``on_mutated`` marks
+        that step, and it is reduced as a first step (no pair)."""
         pending, self.pending = self.pending, []
-        pairs = []
+        by_device: dict[torch.device, list[Pending]] = {}  # a model split over devices: one kernel per device
         for item in pending:
             if item.version is not None and item.current._version != item.version:
                 on_mutated(item)
                 item.previous = None
-            if item.previous is None:
-                item.series.stats[item.slot] = step_stats(item.current, None, item.rows)
-            else:
-                pairs.append(item)
-        by_device: dict[torch.device, list[Pending]] = {}  # a model split over devices: one kernel per device
-        for item in pairs:
             by_device.setdefault(item.current.device, []).append(item)
         for group in by_device.values():
             if batched and len(group) > 1 and self._batched(group):
@@ -185,8 +184,8 @@ class CallBatch:
             return False
         flat: list[torch.Tensor] = []
         for item in pairs:
-            flat.append(item.current.detach())
-            flat.append(item.previous.detach())
+            flat.append(item.current)
+            flat.append(item.current if item.previous is None else item.previous)
         device = flat[0].device
         rows = [item.rows for item in pairs]
         key = (device, tuple((t.shape, t.stride(), t.dtype) for t in flat), tuple(rows))
@@ -196,21 +195,41 @@ class CallBatch:
                 if len(_CALL_KERNELS) >= MAX_CALL_KERNELS:
                     return False
                 started = time.perf_counter()
-                kernel = _CALL_KERNELS[key] = compile_call(flat, rows)
+                kernel = _CALL_KERNELS[key] = self._build(flat, rows)
                 self.compile_seconds += time.perf_counter() - started
-            result = kernel(flat)[0]  # the kernel empties ``flat``
+            result = kernel(flat)
         except Exception as exc:  # an inductor or compiler failure: per tensor from now on, reason kept
             text = str(exc).strip().splitlines()
             stats.fallback_reason = f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
             return False
+        first_steps = 0
         for item, part in zip(pairs, result.split(rows, dim=1)):
+            if item.previous is None:  # paired with itself: differences are zero, the dot product is not
+                part[2].zero_()
+                first_steps += 1
             item.series.stats[item.slot] = part
-        stats.calls["fused"] += len(pairs)
+        stats.calls["fused"] += len(pairs) - first_steps  # first steps are not counted, as per tensor
         stats.devices.add(device.type)
         self.launches += 1
+        self.backends.add(getattr(kernel, "backend", _INDUCTOR.get(device.type, device.type)))
         return True
 
+    def _build(self, flat: list[torch.Tensor], rows: list[int]) -> Callable[[list], torch.Tensor]:
+        """The call's kernel: the CPU call kernel (:mod:`~pytest_ditredundancy.capture.cpu_kernel`) where it
+        takes the pairs, else inductor's; why the CPU kernel was not used is kept in :attr:`cpu_kernel_note`."""
+        if flat[0].device.type == "cpu":
+            try:
+                kernel = cpu_kernel.pair_kernel(flat, rows)
+            except cpu_kernel.KernelUnavailable as exc:
+                kernel, self.cpu_kernel_note = None, str(exc)
+            if kernel is not None:
+                return kernel
+            self.cpu_kernel_note = self.cpu_kernel_note or "inputs it does not take (fp16, mixed dtypes or strided)"
+        inductor = compile_call([t.detach() for t in flat], rows)
+        return lambda inputs: inductor([t.detach() for t in inputs])[0]  # the kernel empties the list it gets
 
+
+_INDUCTOR = {"cpu": "inductor C++", "cuda": "inductor Triton"}
 #: Compiled call kernels of this process, by (device, every input's shape/strides/dtype, rows per pair).
 _CALL_KERNELS: dict[tuple, Callable[[list], tuple]] = {}
 #: Traced one-pair graphs by signature: the pieces call graphs are stitched from.
@@ -219,15 +238,16 @@ _PAIR_GRAPHS: dict[tuple, torch.fx.GraphModule] = {}
 
 def _pair_graph(x: torch.Tensor, p: torch.Tensor, rows: int) -> torch.fx.GraphModule:
     """The decomposed ATen graph of one pair's five row sums, traced once per signature on meta tensors."""
-    key = (tuple(x.shape), x.stride(), x.dtype, tuple(p.shape), p.stride(), p.dtype, rows)
+    key = (x.device.type, tuple(x.shape), x.stride(), x.dtype, tuple(p.shape), p.stride(), p.dtype, rows)
     graph = _PAIR_GRAPHS.get(key)
     if graph is None:
         from torch._inductor.decomposition import select_decomp_table
         from torch.fx.experimental.proxy_tensor import make_fx
 
         meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (x, p)]
+        chunk = row_chunk(x.numel() // rows, x.device)
         with torch.no_grad():
-            graph = make_fx(lambda a, b: (_fused_rows(a.reshape(rows, -1), b.reshape(rows, -1)),),
+            graph = make_fx(lambda a, b: (_fused_rows(a.reshape(rows, -1), b.reshape(rows, -1), chunk),),
                             decomposition_table=select_decomp_table())(*meta)
         graph = _PAIR_GRAPHS[key] = graph
     return graph

@@ -202,55 +202,65 @@ class RedundancyCapture(StepTracker):
 
     # -- recording ----------------------------------------------------------------------------------------
     def _make_site_hook(self, group: list[tuple[int, CaptureSite]]):
+        # The hot path (one call per captured module and step): plain sites, read from the output with no
+        # selector and no context, skip the site's generic extraction.
+        plain = [(index, site.select is None and site.context is None and site.read == "output", site)
+                 for index, site in group]
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self.call_index is None:
                 return
-            for index, site in group:
-                seen = output if site.read == "output" else (args[0] if args else None)
-                call = self._calls.get(id(site.context)) if site.context is not None else None
-                tensor = site.tensor(seen, call)
+            for index, direct, site in plain:
+                if direct:
+                    tensor = output if isinstance(output, torch.Tensor) else None
+                else:
+                    seen = output if site.read == "output" else (args[0] if args else None)
+                    call = self._calls.get(id(site.context)) if site.context is not None else None
+                    tensor = site.tensor(seen, call)
                 if tensor is not None:
                     self._record(index, tensor)
 
         return hook
 
     def _record(self, index: int, tensor: torch.Tensor) -> None:
-        run = self._run
+        run = self.runs[-1]
+        step = run.step
         key = (index, self.call_index)
         series = run.series.get(key)
-        batch = self._active_batch
         if series is None:
+            batch = self._active_batch
             if tensor.dim() == 0 or tensor.shape[0] % batch:
                 self._note(f"{self.sites[index].layer}/{self.sites[index].kind}: leading dim {tuple(tensor.shape)[:1]} "
                            f"is not a multiple of the batch {batch}; series skipped")
                 return
             series = run.series[key] = _Series(rows=batch, numel=tensor.numel() // batch,
                                                copy=self.copy_tensors or tensor.is_inference())
-        if series.steps and series.steps[-1] == run.step:
+        steps = series.steps
+        if steps and steps[-1] == step:
             self._note(f"{self.sites[index].layer}/{self.sites[index].kind} ran twice in one transformer call; "
                        "only the first output is measured")
             return
         previous = series.previous
-        valid = previous is not None and series.previous_step == run.step - 1
+        valid = previous is not None and series.previous_step == step - 1
         if valid and series.previous_version is not None and previous._version != series.previous_version:
             self._note(f"{self.sites[index].layer}/{self.sites[index].kind} was modified in place after its step; "
                        "that step pair is not measured and the series now keeps copies")
             series.copy, valid = True, False
         deferred = self.memory.chosen != "low"  # undecided (the first call) or fast: reduced when the call ends
         series.stats.append(None if deferred else self.step_statistics(tensor, previous if valid else None, series.rows))
-        series.steps.append(run.step)
+        steps.append(step)
         series.valid.append(valid)
         series.order.append(run.recorded)
         run.recorded += 1
-        kept = tensor.detach()
+        kept = tensor.detach() if tensor.requires_grad else tensor  # no autograd graph kept alive
         if series.copy:
             series.previous, series.previous_version = kept.clone(), None
         else:
             series.previous, series.previous_version = kept, kept._version
-        series.previous_step = run.step
+        series.previous_step = step
         if deferred:
-            self.batch.add(Pending(series, len(series.stats) - 1, series.previous, previous if valid else None,
-                                   series.rows, series.previous_version))
+            self.batch.pending.append(Pending(series, len(series.stats) - 1, series.previous,
+                                              previous if valid else None, series.rows, series.previous_version))
 
     def _call_finished(self, module: nn.Module, args: tuple, output: Any) -> None:
         """The transformer call returned (or raised): reduce its pending tensors; the first call decides ``auto``."""
@@ -319,7 +329,7 @@ class RedundancyCapture(StepTracker):
                                    whole_batch=self.whole_batch, **metadata)
         profile.metadata.extra = {**profile.metadata.extra, "step_stats": {
             **self.step_statistics.summary(), "memory": self.memory.mode, "memory_chosen": self.memory.chosen,
-            "call_kernels": self.batch.launches}}
+            "call_kernels": self.batch.launches, "call_kernel": ", ".join(sorted(self.batch.backends)) or None}}
         return profile
 
 
@@ -369,9 +379,26 @@ def _argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
     if name in kwargs:
         return kwargs[name]
     try:
-        return inspect.signature(function).bind_partial(*args, **kwargs).arguments.get(name)
+        return _signature(function).bind_partial(*args, **kwargs).arguments.get(name)
     except (TypeError, ValueError):
         return None
+
+
+def _signature(function: Any) -> inspect.Signature:
+    """``inspect.signature`` once per underlying function (it costs about 0.2 ms; ``scheduler.step`` is asked
+    every step). Keyed by the unwrapped function (a capture's wrapper is new each time) and whether it is
+    bound, so the cache holds no instance."""
+    unwrapped = inspect.unwrap(function)
+    key = (getattr(unwrapped, "__func__", unwrapped), hasattr(unwrapped, "__self__"))
+    signature = _SIGNATURES.get(key)
+    if signature is None:
+        signature = inspect.signature(function)
+        if len(_SIGNATURES) < 256:
+            _SIGNATURES[key] = signature
+    return signature
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
 def _reachable_tensors(value: Any, seen: set[int], found: dict[int, torch.Tensor]) -> None:
