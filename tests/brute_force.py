@@ -67,3 +67,18 @@ def cond_rows(layout: str, call: int, samples: int, prompt: int) -> tuple[int, i
 
 
 __all__ = ["cond_rows", "record_every_step", "reference_series", "torch"]
+
+
+def activations(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Seeded values spanning six orders of magnitude, both signs: what float32 summation must survive."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitude = 10 ** (torch.rand(shape, generator=generator) * 6 - 3)
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+    return (sign * magnitude).to(dtype)
+
+
+def exact_stats(x: torch.Tensor, p: torch.Tensor, rows: int) -> torch.Tensor:
+    """The five step statistics per row in float64: the reference every kernel is held to."""
+    x, p = x.double().reshape(rows, -1), p.double().reshape(rows, -1)
+    d = x - p
+    return torch.stack((d.abs().sum(1), d.norm(dim=1), (x * p).sum(1), x.abs().sum(1), x.norm(dim=1)))

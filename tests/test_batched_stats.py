@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from brute_force import activations, exact_stats
 from pytest_ditredundancy import capture_redundancy
 from pytest_ditredundancy.capture import batched_stats, cpu_kernel, fused_stats
 from pytest_ditredundancy.capture.batched_stats import CPU_MIN_CALL_ELEMENTS, MemoryChoice, choose_memory, compile_call
@@ -22,19 +23,6 @@ from pytest_ditredundancy.capture.sites import CaptureSite
 needs_compiler = pytest.mark.skipif(not fused_stats.cpu_compiler_available(), reason="no C++ compiler for inductor")
 CALL = dict(prompt=["a red bus", "a cat"], num_inference_steps=5, height=32, width=32, output_type="latent",
             use_resolution_binning=False, clean_caption=False)
-
-
-def activations(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    magnitude = 10 ** (torch.rand(shape, generator=generator) * 6 - 3)
-    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
-    return (sign * magnitude).to(dtype)
-
-
-def exact(x: torch.Tensor, p: torch.Tensor, rows: int) -> torch.Tensor:
-    x, p = x.double().reshape(rows, -1), p.double().reshape(rows, -1)
-    d = x - p
-    return torch.stack((d.abs().sum(1), d.norm(dim=1), (x * p).sum(1), x.abs().sum(1), x.norm(dim=1)))
 
 
 @needs_compiler
@@ -55,7 +43,7 @@ def test_one_call_kernel_equals_the_per_tensor_kernels_bit_for_bit():
         x2, p2 = x.reshape(r, -1), p.reshape(r, -1)
         alone = compile_fused(x2, p2)([x2, p2])[0]
         assert torch.equal(part, alone)
-        np.testing.assert_allclose(part.double().numpy(), exact(x, p, r).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(part.double().numpy(), exact_stats(x, p, r).numpy(), rtol=1e-6)
 
 
 def run(pipe, **capture_options):

@@ -7,27 +7,17 @@ says why), and fall back cleanly when it cannot be built.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from brute_force import activations, exact_stats
 from pytest_ditredundancy import capture_redundancy
 from pytest_ditredundancy.capture import batched_stats, cpu_kernel, fused_stats
 
 needs_compiler = pytest.mark.skipif(not fused_stats.cpu_compiler_available(), reason="no C++ compiler")
-
-
-def activations(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    magnitude = 10 ** (torch.rand(shape, generator=generator) * 6 - 3)
-    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
-    return (sign * magnitude).to(dtype)
-
-
-def exact(x: torch.Tensor, p: torch.Tensor, rows: int) -> torch.Tensor:
-    x, p = x.double().reshape(rows, -1), p.double().reshape(rows, -1)
-    d = x - p
-    return torch.stack((d.abs().sum(1), d.norm(dim=1), (x * p).sum(1), x.abs().sum(1), x.norm(dim=1)))
 
 
 def pairs(seed: int = 0):
@@ -50,7 +40,7 @@ def test_agrees_with_float64_within_1e6_on_mixed_shapes_rows_and_dtypes():
     result = kernel(flat)
     assert result.shape == (5, sum(rows)) and result.dtype == torch.float32
     for i, part in enumerate(result.split(rows, dim=1)):
-        np.testing.assert_allclose(part.double().numpy(), exact(flat[2 * i], flat[2 * i + 1], rows[i]).numpy(),
+        np.testing.assert_allclose(part.double().numpy(), exact_stats(flat[2 * i], flat[2 * i + 1], rows[i]).numpy(),
                                    rtol=1e-6)
 
 
@@ -99,16 +89,13 @@ def test_a_call_it_cannot_read_goes_to_inductor_and_says_why(monkeypatch):
     batch = batched_stats.CallBatch(statistics)
     flat = [activations((1, 8, 16), i, torch.float16) for i in range(4)]
 
-    class Series:
-        stats = [None]
-    series = [Series(), Series()]
+    series = [SimpleNamespace(stats=[None]) for _ in range(2)]  # stands in for the capture's series
     for i, s in enumerate(series):
-        s.stats = [None]
         batch.add(batched_stats.Pending(s, 0, flat[2 * i], flat[2 * i + 1], 1, None))
     batch.flush(True, lambda item: None)
     assert batch.backends == {"inductor C++"} and "fp16" in batch.cpu_kernel_note
     for i, s in enumerate(series):
-        np.testing.assert_allclose(s.stats[0].double().numpy(), exact(flat[2 * i], flat[2 * i + 1], 1).numpy(),
+        np.testing.assert_allclose(s.stats[0].double().numpy(), exact_stats(flat[2 * i], flat[2 * i + 1], 1).numpy(),
                                    rtol=1e-3)
 
 
@@ -154,3 +141,30 @@ def test_the_capture_uses_it_on_cpu_and_matches_the_eager_path(tiny_pipeline_cac
     assert fast.metadata.extra["step_stats"]["call_kernel"] == cpu_kernel.BACKEND
     for metric in fast.values:
         np.testing.assert_allclose(fast.values[metric], eager.values[metric], rtol=5e-6, atol=1e-9)
+
+
+def test_a_cache_that_cannot_be_written_is_reported_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(tmp_path / "kernels"))
+    monkeypatch.setattr(cpu_kernel, "_LIBRARY", None)
+    monkeypatch.setattr(cpu_kernel, "_FAILURE", None)
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/usr/bin/c++")
+
+    def denied(compiler, target):
+        raise PermissionError(13, "Permission denied", str(target.parent))
+
+    monkeypatch.setattr(cpu_kernel, "_build", denied)
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=f"Permission denied.*set {cpu_kernel.ENV_CACHE} to a "
+                                                           "writable folder"):
+        cpu_kernel.library()
+
+
+@needs_compiler
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_the_temporary_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_kernel, "_LIBRARY", None)
+    monkeypatch.setattr(cpu_kernel, "_FAILURE", None)
+    flat, rows = pairs(7)
+    result = cpu_kernel.pair_kernel(flat, rows)(flat)
+    assert torch.isfinite(result).all() and blocker.read_text() == "not a folder"

@@ -20,7 +20,7 @@ from pytest_ditredundancy.plugin import xdist as distributed
 from pytest_ditredundancy import profile_model
 from pytest_ditredundancy.plugin.xdist import DeviceAssigner, XdistHooks, configure_worker
 from pytest_ditredundancy.plugin.merge import MergeError, Shard, check_shards, merge_profiles
-from pytest_ditredundancy.plugin.shard import ShardError, parse_shard, shard_range
+from pytest_ditredundancy.plugin.shard import ShardError, check_shard_fits, parse_shard, shard_range
 
 MODELS = "--dit-model=tiny-pixart-alpha,tiny-dit-xl-2-256"
 
@@ -108,6 +108,16 @@ def test_shards_are_contiguous_blocks_that_cover_every_prompt():
             parse_shard(text, 8)
 
 
+def test_a_model_with_a_smaller_prompt_set_of_its_own_is_refused_by_name():
+    # the option was checked against the shipped prompts (8); a trained model runs its own 4 captions
+    assert parse_shard("1/8", 8) == (1, 8)
+    check_shard_fits((1, 4), "trained-pixart", 4)
+    check_shard_fits(None, "trained-pixart", 4)
+    with pytest.raises(ShardError, match=r"--dit-shard=1/8: trained-pixart runs its own set of 4 prompts, so 8 "
+                                         r"shards would leave some empty: use at most 4 shards for it"):
+        check_shard_fits((1, 8), "trained-pixart", 4)
+
+
 def test_sharded_profiles_merge_into_the_unsharded_profile(tiny_pipeline_cache):
     pipe = tiny_pipeline_cache("tiny-pixart-alpha")
     prompts = ["a red bus", "a cat on a sofa", "mountains at dawn", "a bowl of soup", "a lighthouse"]
@@ -146,6 +156,18 @@ def test_merge_names_disagreeing_settings_duplicate_and_missing_shards():
         check_shards([_shard(1, 3), _shard(3, 3)])
     with pytest.raises(MergeError, match="cut differently"):
         check_shards([_shard(1, 2), _shard(2, 3)])
+
+
+def test_merge_of_models_with_prompt_sets_of_different_sizes_names_missing_shards_without_spans():
+    def own_sets(index, count):  # the run ran models whose own prompt sets differ: no run-wide block
+        shard = _shard(index, count)
+        shard.doc["shard"].update({"prompts": [None, None], "total": None})
+        return shard
+
+    with pytest.raises(MergeError, match=r"missing shard\(s\) 2/3: merge every shard"):
+        check_shards([own_sets(1, 3), own_sets(3, 3)])
+    with pytest.raises(MergeError, match="overlap on prompts of each model's own set"):
+        check_shards([own_sets(1, 2), own_sets(1, 2)])
 
 
 def test_update_baselines_needs_every_prompt(pytester):

@@ -190,7 +190,11 @@ def _load() -> ctypes.CDLL:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / target.name
     if not target.exists():
-        _build(compiler, target)
+        try:
+            _build(compiler, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"could not build the CPU call kernel into {folder}: {exc}; set {ENV_CACHE} "
+                                    "to a writable folder") from exc
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
@@ -212,7 +216,7 @@ def _build(compiler: str, target: Path) -> None:
         base = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", str(source), "-o", str(built)]
         errors = ""
         for extra in (["-march=native"], []):
-            done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
+            done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(built, target)
                 return

@@ -18,7 +18,6 @@ inf) that names the first non-finite activation after the run, at no cost during
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -32,7 +31,7 @@ from .fused_stats import StepStatistics, default_mode
 from .guidance import COND_FIRST_PIPELINES, call_guidance
 from .profile import RedundancyProfile
 from .sites import DEFAULT_KINDS, CaptureSite, ModuleCall, discover_sites, validate_kinds
-from .tracking import StepTracker, first_tensor
+from .tracking import StepTracker, call_argument, first_tensor
 
 
 @dataclass
@@ -175,10 +174,10 @@ class RedundancyCapture(StepTracker):
         super().end_step()
 
     def scheduler_stepped(self, args: tuple, kwargs: dict, result: Any) -> None:
-        self.end_step(_argument(self.scheduler.step, "timestep", args, kwargs))
+        self.end_step(call_argument(self.scheduler.step, "timestep", args, kwargs))
 
     def _on_check_inputs(self, args: tuple, kwargs: dict) -> None:
-        prompt = _argument(self.pipeline.check_inputs, "prompt", args, kwargs)
+        prompt = call_argument(self.pipeline.check_inputs, "prompt", args, kwargs)
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
@@ -372,33 +371,6 @@ def _transformer_of(pipeline: Any) -> nn.Module:
             "(capture_redundancy(module, scheduler=...)) or use an adapter (pytest_ditredundancy.capture.adapters)"
         )
     return module
-
-
-def _argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
-    """The value passed for parameter ``name`` (schedulers differ in where ``timestep`` sits)."""
-    if name in kwargs:
-        return kwargs[name]
-    try:
-        return _signature(function).bind_partial(*args, **kwargs).arguments.get(name)
-    except (TypeError, ValueError):
-        return None
-
-
-def _signature(function: Any) -> inspect.Signature:
-    """``inspect.signature`` once per underlying function (it costs about 0.2 ms; ``scheduler.step`` is asked
-    every step). Keyed by the unwrapped function (a capture's wrapper is new each time) and whether it is
-    bound, so the cache holds no instance."""
-    unwrapped = inspect.unwrap(function)
-    key = (getattr(unwrapped, "__func__", unwrapped), hasattr(unwrapped, "__self__"))
-    signature = _SIGNATURES.get(key)
-    if signature is None:
-        signature = inspect.signature(function)
-        if len(_SIGNATURES) < 256:
-            _SIGNATURES[key] = signature
-    return signature
-
-
-_SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
 def _reachable_tensors(value: Any, seen: set[int], found: dict[int, torch.Tensor]) -> None:

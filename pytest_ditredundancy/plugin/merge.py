@@ -90,14 +90,17 @@ def check_shards(shards: list[Shard]) -> None:
             raise MergeError(f"{seen[shard.index].name} and {shard.path.name} are both shard {shard.index}/{shard.count}: "
                              f"they overlap on prompts {_span(shard.doc['shard']['prompts'])}")
         seen[shard.index] = shard.path
-    count, total = shards[0].count, len(shards[0].doc["run"]["prompts"])
+    count, total = shards[0].count, shards[0].doc["shard"].get("total", len(shards[0].doc["run"]["prompts"]))
     missing = [k for k in range(1, count + 1) if k not in seen]
     if missing:
-        spans = ", ".join(f"{k}/{count} (prompts {_span([(k - 1) * total // count, k * total // count])})" for k in missing)
+        spans = ", ".join(f"{k}/{count} (prompts {_span([(k - 1) * total // count, k * total // count])})"
+                          if total is not None else f"{k}/{count}" for k in missing)
         raise MergeError(f"missing shard(s) {spans}: merge every shard of the run")
 
 
-def _span(bounds: list[int]) -> str:
+def _span(bounds: list[int | None]) -> str:
+    if bounds[0] is None:  # models with prompt sets of different sizes: each has its own block
+        return "of each model's own set"
     return f"{bounds[0]}–{bounds[1] - 1}"
 
 

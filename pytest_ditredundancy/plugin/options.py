@@ -316,6 +316,7 @@ def _parse_shard(config: pytest.Config, values: dict[str, Any]) -> dict[str, Any
     if values["shard"] is None:
         return {}
     try:
+        # a model running a smaller set of its own (the trained models' captions) is checked when resolved
         shard = parse_shard(values["shard"], len(values["prompts"]))
     except ShardError as exc:
         raise pytest.UsageError(f"{exc} (--dit-shard)") from None

@@ -222,6 +222,11 @@ class ReportCollector:
     def document(self) -> dict[str, Any]:
         cfg = self.dit.config
         run = config_dict(cfg, self.dit.selected_models())
+        lists = self.dit.prompt_lists()
+        if lists and not cfg.prompt_source:  # no prompts named: each model ran its own set, not the option's list
+            run["prompts"] = list(dict.fromkeys(p for prompts in lists.values() for p in prompts))
+            run["num_prompts"] = len(run["prompts"])
+            run["prompts_by_model"] = {model: len(prompts) for model, prompts in sorted(lists.items())}
         # portable: a merge on another machine or checkout finds the baselines relative to where it runs
         run["baseline_dir"] = portable(cfg.baseline_dir, Path(self.config.rootpath))
         for name, flag in (("report", "--dit-report"), ("json", "--dit-json")):
@@ -234,9 +239,11 @@ class ReportCollector:
                        "devices": sorted({f"{w['device']} ({w['device_name']})" for w in workers}),
                        "executor": self.dit.executor.facts()}  # where profiles ran, and any work retried
         shard = None
-        if cfg.shard:
-            start, end = shard_range(len(cfg.prompts), cfg.shard)
-            shard = {"index": cfg.shard[0], "count": cfg.shard[1], "prompts": [start, end], "total": len(cfg.prompts)}
+        if cfg.shard:  # the prompts each model ran (named ones, or its own set), not the option's default list
+            totals = {len(prompts) for prompts in lists.values()} or {len(cfg.prompts)}
+            total = totals.pop() if len(totals) == 1 else None
+            start, end = shard_range(total, cfg.shard) if total is not None else (None, None)
+            shard = {"index": cfg.shard[0], "count": cfg.shard[1], "prompts": [start, end], "total": total}
         return build_document(
             run=run, records=list(self.dit.records), summaries=list(self.summaries.values()), tests=self.tests_section(),
             environment=environment, started=self.started, finished=time.time(), shard=shard,

@@ -34,7 +34,7 @@ from ..profiling.settings import RunRequest, RunSettings, resolve_run
 from ..zoo.loading import ModelLoadError, hub_problem, load_model, resolve_spec
 from ..zoo.registry import ModelSpec, UnknownModelError, get_spec, registered_models, tiny_model_names
 from .options import DitConfig
-from .shard import shard_range
+from .shard import ShardError, check_shard_fits, shard_range
 
 #: keys of a test's data (``relay.emit``): suite records, and baseline files used
 RECORD_KEY = "ditredundancy"
@@ -197,8 +197,25 @@ class DitSession:
     def work(self, request: RunRequest) -> RunRequest:
         """What this session profiles of ``request``: its block of the prompts under ``--dit-shard``, else all
         (seeds stay seed + global index)."""
+        try:
+            check_shard_fits(self.config.shard, request.spec.name, len(request.prompts))
+        except ShardError as exc:
+            pytest.fail(str(exc), pytrace=False)
         start, end = shard_range(len(request.prompts), self.config.shard)
         return request.shard(start, end)
+
+    def prompt_lists(self) -> dict[str, tuple[str, ...]]:
+        """The prompts each selected model runs (named ones, or its own set), in order; resolved here for models
+        this process did not run (an xdist controller), skipping any that cannot be resolved."""
+        lists = {request.spec.name: tuple(request.prompts) for request in self._requests.values()}
+        for model in self.selected_models():
+            try:
+                spec = self.spec(model)
+                if spec.name not in lists:
+                    lists[spec.name] = tuple(self.request(spec).prompts)
+            except Exception:  # noqa: BLE001 - the model's own tests report why it cannot be resolved
+                continue
+        return lists
 
     def profile(self, request: RunRequest) -> RedundancyProfile:
         """The profile of ``request`` (computed once per session by the executor). A model that failed to load

@@ -35,18 +35,28 @@ class ShardError(ValueError):
     """A shard specification that cannot be used."""
 
 
-def parse_shard(text: str, total: int) -> tuple[int, int]:
-    """``"K/N"`` -> ``(K, N)``, checked against the number of prompts (no shard may be empty)."""
+def parse_shard(text: str, total: int | None) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``, checked against the number of prompts (no shard may be empty; ``None``: not
+    known yet). A model running a prompt set of its own is checked by :func:`check_shard_fits`."""
     try:
         k, n = (int(part) for part in str(text).strip().split("/"))
     except ValueError:
         raise ShardError(f"expected K/N with whole numbers, e.g. 2/8, got {text!r}") from None
     if n < 1 or not 1 <= k <= n:
         raise ShardError(f"shard {k}/{n} does not exist: K counts from 1 to N")
-    if n > total:
+    if total is not None and n > total:
         raise ShardError(f"{n} shards of {total} prompts would leave some empty: use at most {total} shards or "
                          "more prompts (--dit-num-prompts)")
     return k, n
+
+
+def check_shard_fits(shard: tuple[int, int] | None, model: str, total: int) -> None:
+    """A model running its own prompt set (the trained models' ``shapes`` captions) must have a prompt for every
+    shard: :class:`ShardError` naming the model, its count and the fix."""
+    if shard is not None and shard[1] > total:
+        raise ShardError(f"--dit-shard={shard[0]}/{shard[1]}: {model} runs its own set of {total} prompts, so "
+                         f"{shard[1]} shards would leave some empty: use at most {total} shards for it, or name "
+                         "a larger prompt set for every model (--dit-prompts)")
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
