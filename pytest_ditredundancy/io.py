@@ -1,5 +1,6 @@
 """Safe file writes (nothing on disk is ever left half-written) and JSON reads whose every failure is one
-message naming the file, the problem and the fix."""
+message naming the file, the problem and the fix; and :func:`lazy_exports`, the packages' public names imported
+on first use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from importlib import import_module
 from typing import Any, Callable, Iterator
 
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
@@ -170,3 +172,23 @@ def _expect(value: Any, expect: type | None, where: str, fix: str, source: str |
     found = next(name for kind, name in _JSON_KINDS if isinstance(value, kind))
     wanted = next((name for kind, name in _JSON_KINDS if kind is expect), expect.__name__)
     raise FileReadError(f"{where} holds {found} where {wanted} is expected; {fix}", source, "wrong-type")
+
+
+def lazy_exports(package: str, namespace: dict[str, Any], exports: dict[str, str]) -> tuple[Callable, Callable]:
+    """A package's module ``__getattr__`` and ``__dir__`` (PEP 562) for ``exports`` (public name -> the module,
+    relative to ``package``, that defines it): each name is imported on first use and then kept in
+    ``namespace``, so importing the package costs nothing it does not use (the plugin's entry point and its
+    option parsing must not pay for torch)."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(f".{module}", package), name)
+        namespace[name] = value  # looked up once
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted([*namespace, *exports])
+
+    return __getattr__, __dir__

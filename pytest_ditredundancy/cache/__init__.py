@@ -13,8 +13,7 @@ at configure time through ``spec``, ``floors`` and ``tuning``, which must not pa
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ..io import lazy_exports
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -29,10 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
