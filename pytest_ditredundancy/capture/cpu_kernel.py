@@ -20,7 +20,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .fused_stats import cpu_compiler
 
 #: Elements per work item: 64 float32 additions per lane, as accurate as torch's own sums (1e-7 relative).
 CHUNK = 1024
@@ -135,13 +136,10 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str:
-    from torch._inductor import config
-
-    configured = config.cpp.cxx[0] if isinstance(config.cpp.cxx, (tuple, list)) else config.cpp.cxx
-    for name in (configured, os.environ.get("CXX"), "g++", "clang++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
+    found = cpu_compiler()
+    if found is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
+    return found
 
 
 def _machine() -> str:

@@ -209,14 +209,22 @@ def compile_graph(graph: torch.fx.GraphModule, example: list[torch.Tensor]) -> C
     return kernel
 
 
-def cpu_compiler_available() -> bool:
-    """Whether inductor can build CPU kernels here (it needs a C++ compiler)."""
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor (and the CPU call kernel) builds CPU kernels with: inductor's configured one,
+    ``$CXX``, g++, clang++ or c++, the first found on ``PATH``; None when there is none."""
     from torch._inductor import config
 
     configured = config.cpp.cxx[0] if isinstance(config.cpp.cxx, (tuple, list)) else config.cpp.cxx
-    names = [configured] if configured else []
-    names += [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
-    return any(name and shutil.which(name) for name in names)
+    for name in (configured, os.environ.get("CXX"), "g++", "clang++", "c++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def cpu_compiler_available() -> bool:
+    """Whether inductor can build CPU kernels here (it needs a C++ compiler)."""
+    return cpu_compiler() is not None
 
 
 def default_mode() -> str:

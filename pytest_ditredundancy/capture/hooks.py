@@ -258,8 +258,8 @@ class RedundancyCapture(StepTracker):
             series.previous, series.previous_version = kept, kept._version
         series.previous_step = step
         if deferred:
-            self.batch.pending.append(Pending(series, len(series.stats) - 1, series.previous,
-                                              previous if valid else None, series.rows, series.previous_version))
+            self.batch.add(Pending(series, len(series.stats) - 1, series.previous, previous if valid else None,
+                                   series.rows, series.previous_version))
 
     def _call_finished(self, module: nn.Module, args: tuple, output: Any) -> None:
         """The transformer call returned (or raised): reduce its pending tensors; the first call decides ``auto``."""
