@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pytest_ditredundancy import load_model, profile_model
+from pytest_ditredundancy.judging import shapes
 from pytest_ditredundancy.judging import statistics as stats
 from pytest_ditredundancy.judging import verdicts
 from pytest_ditredundancy.judging.baselines import _rounded
@@ -222,9 +223,9 @@ def scheduler_variant(model: str, spec: ModelSpec, prompt: str) -> tuple[str | N
 def _shape_values(reference: RedundancyProfile, other: RedundancyProfile, label: str) -> dict[str, float]:
     out = {}
     for kind in reference.kinds:
-        a, ta = stats.step_curves(reference, kind)
-        b, tb = stats.step_curves(other, kind)
-        out[f"{label}/{kind}"] = stats.compare_shapes(a, ta, b, tb).correlation
+        a, ta = shapes.step_curves(reference, kind)
+        b, tb = shapes.step_curves(other, kind)
+        out[f"{label}/{kind}"] = shapes.compare_shapes(a, ta, b, tb).correlation
     return out
 
 

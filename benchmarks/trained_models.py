@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pytest_ditredundancy import load_model, profile_model
+from pytest_ditredundancy.judging import shapes
 from pytest_ditredundancy.judging import statistics as stats
 from pytest_ditredundancy.training.adherence import ATTRIBUTES
 from pytest_ditredundancy.profiling.samples import adherence_of, evaluation_captions, generate, save_grid, save_loss_curves
@@ -44,18 +45,18 @@ def experiments(name: str, prompts: list[str]) -> dict:
     out = {"prompt_cv": {s.kind: {"paper": s.paper_cv, "robust": s.robust_cv, "ci": [s.ci_low, s.ci_high]}
                          for s in stats.prompt_stability(base) if s.kind in KINDS}}
     steps = base.metadata.steps
-    shapes = {}
+    correlations = {}
     variants = {f"steps x{f:g}": dict(steps=max(2, round(steps * f))) for f in (0.5, 2)}
     variants |= {f"scheduler {s}": dict(scheduler=s) for s in SCHEDULERS[name]}
     for label, kwargs in variants.items():
         other = profile_model(pipe, prompts=prompts, batch_size=16, **kwargs)
-        shapes[label] = {}
+        correlations[label] = {}
         for kind in KINDS:
-            a, ta = stats.step_curves(base, kind)
-            b, tb = stats.step_curves(other, kind)
-            shapes[label][kind] = stats.compare_shapes(a, ta, b, tb).correlation
-    out["shape_correlation"] = shapes
-    out["signature"] = stats.signature(base)
+            a, ta = shapes.step_curves(base, kind)
+            b, tb = shapes.step_curves(other, kind)
+            correlations[label][kind] = shapes.compare_shapes(a, ta, b, tb).correlation
+    out["shape_correlation"] = correlations
+    out["signature"] = shapes.signature(base)
     return out
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         signatures[name] = report["experiments"][name].pop("signature")
     for a, b in (("trained-pixart", "trained-sd3"), ("trained-pixart", "trained-pixart-ft"),
                  ("tiny-pixart-alpha", "tiny-sd3-medium")):
-        d = stats.distinctness(signatures[a], signatures[b])
+        d = shapes.distinctness(signatures[a], signatures[b])
         report["distinctness"][f"{a} vs {b}"] = {"between": d.between, "within": max(d.within_a, d.within_b),
                                                  "ratio": d.ratio}
     report["seconds"] = round(time.time() - started)

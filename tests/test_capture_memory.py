@@ -62,7 +62,7 @@ def test_the_option_values_are_the_capture_modes():
 
 
 def test_a_bad_option_value_is_a_usage_error(pytester):
-    from pytest_ditredundancy.plugin.options import read_config
+    from pytest_ditredundancy.plugin.option_steps import read_config
 
     config = pytester.parseconfig("--dit-capture-memory=small")
     with pytest.raises(pytest.UsageError, match="--dit-capture-memory.*auto, fast, low"):

@@ -80,7 +80,7 @@ def test_without_options_every_field_takes_its_declared_default(pytester):
 ])
 def test_a_value_given_is_used_or_a_usage_error(pytester, args, message):
     from pytest_ditredundancy.plugin.cache_options import read_cache_options
-    from pytest_ditredundancy.plugin.options import read_config
+    from pytest_ditredundancy.plugin.option_steps import read_config
 
     config = pytester.parseconfig(*args)
     with pytest.raises(pytest.UsageError, match=re.escape(message)):

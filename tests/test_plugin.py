@@ -121,7 +121,7 @@ def test_empty_ini_values_are_usage_errors_too(pytester):
 def test_zero_is_a_value_like_any_other(pytester):
     """0 where 0 means something (a bound, a seed, a progress interval) is used as given, not as "unset"."""
     from pytest_ditredundancy.plugin.cache_options import read_cache_options
-    from pytest_ditredundancy.plugin.options import read_config
+    from pytest_ditredundancy.plugin.option_steps import read_config
 
     config = pytester.parseconfig("--dit-cache-min-psnr=0", "--dit-cache-min-skipped=0", "--dit-seed=0",
                                   "--dit-progress-interval=0")

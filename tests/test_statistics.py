@@ -12,7 +12,10 @@ from hypothesis.extra.numpy import arrays
 
 from pytest_ditredundancy.capture.metrics import METRICS
 from pytest_ditredundancy.capture.profile import ProfileMetadata, RedundancyProfile
-from pytest_ditredundancy.judging.statistics import CellDrift, PromptStability, ShapeComparison, Signature, compare_shapes, confidence_interval, compare_to_baseline, distinctness, normalized_times, paper_cv, prompt_stability, robust_cv, signature, step_curves, summarize_drift
+from pytest_ditredundancy.judging.drift import CellDrift, compare_to_baseline, summarize_drift
+from pytest_ditredundancy.judging.shapes import (ShapeComparison, Signature, compare_shapes, distinctness, normalized_times,
+                                                signature, step_curves)
+from pytest_ditredundancy.judging.statistics import PromptStability, confidence_interval, paper_cv, prompt_stability, robust_cv
 
 positive = st.floats(0.01, 100.0)
 cell_arrays = st.tuples(st.integers(2, 5), st.integers(1, 3), st.integers(1, 4)).flatmap(

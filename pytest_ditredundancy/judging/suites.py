@@ -19,11 +19,11 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..io import plain
-from ..profiling.schedulers import comparable_scheduler, compatible_schedulers, scheduler_rejection
+from ..profiling.schedulers import compatible_schedulers, scheduler_rejection
 from ..profiling.settings import RunRequest, RunSettings
 from ..zoo.registry import ModelSpec
+from . import baseline_checks, drift, shapes, verdicts
 from . import statistics as stats
-from . import verdicts
 from .baselines import Baseline, BaselineError, BaselineStore, _rounded, profile_section
 from .tolerances import Tolerance, resolve
 from .verdicts import PAPER_CV_RANGE, Finding, fmt
@@ -168,22 +168,14 @@ class SuiteJudge:
             raise SuiteFailed(str(exc)) from None
         if baseline is not None:
             self.baselines_used.append(str(baseline.path))
-            self._check_settings(baseline)
+            self._fail_on(baseline_checks.settings_mismatch(baseline, self.settings))
             self._warn_on_device_mismatch(baseline)
         return baseline
 
-    def _check_settings(self, baseline: Baseline) -> None:
-        """The file's recorded run settings must be this run's (a renamed or hand-copied file is caught here)."""
-        stored = baseline.metadata.get("settings")
-        if not isinstance(stored, dict):
-            raise SuiteFailed(f"baseline {baseline.path} does not record its run settings (metadata.settings); re-create it "
-                              f"with:\n    {self.session.command(self.spec, '--dit-update-baselines')}")
-        current = plain(self.settings.__dict__, _rounded)
-        differ = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in current.items() if stored.get(k) != v]
-        if differ:
-            raise SuiteFailed(f"baseline {baseline.path} was recorded with other settings ({'; '.join(differ)}): "
-                              "its numbers are not comparable with this run. Restore the right file, or re-create it with:\n    "
-                              f"{self.session.command(self.spec, '--dit-update-baselines')}")
+    def _fail_on(self, mismatch: str | None) -> None:
+        """A baseline that does not fit this run fails the suite, with the command that re-creates it."""
+        if mismatch is not None:
+            raise SuiteFailed(mismatch.replace(baseline_checks.FIX, self.session.command(self.spec, "--dit-update-baselines")))
 
     def _warn_on_device_mismatch(self, baseline: Baseline) -> None:
         stored_class, stored_dtype = baseline.metadata.get("device_class"), baseline.metadata.get("dtype")
@@ -275,20 +267,20 @@ class SuiteJudge:
         names = self.session.config.schedulers or compatible_schedulers(self.spec.prediction)
         return {name: {"scheduler": name} for name in names if name != self.settings.scheduler}
 
-    def step_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
+    def step_stability(self) -> dict[str, dict[str, shapes.ShapeComparison]]:
         variants = self.step_variants()
         requested = set(variants) if "--dit-step-factors" in self.session.config.given else set()
         return self._shape_suite("step_stability", variants, requested)
 
-    def scheduler_stability(self) -> dict[str, dict[str, stats.ShapeComparison]]:
+    def scheduler_stability(self) -> dict[str, dict[str, shapes.ShapeComparison]]:
         variants = self.scheduler_variants()
         return self._shape_suite("scheduler_stability", variants,
                                  set(variants) if self.session.config.schedulers else set())
 
     def _shape_suite(self, suite: str, variants: dict[str, dict[str, Any]],
-                     requested: set[str]) -> dict[str, dict[str, stats.ShapeComparison]]:
+                     requested: set[str]) -> dict[str, dict[str, shapes.ShapeComparison]]:
         reference = self.profile()
-        results: dict[str, dict[str, stats.ShapeComparison]] = {}
+        results: dict[str, dict[str, shapes.ShapeComparison]] = {}
         unsupported: dict[str, str] = {}
         for label, overrides in variants.items():
             try:
@@ -303,9 +295,9 @@ class SuiteJudge:
             for kind in reference.kinds:
                 if kind not in other.kinds:
                     continue
-                a, ta = stats.step_curves(reference, kind)
-                b, tb = stats.step_curves(other, kind)
-                results[label][kind] = stats.compare_shapes(a, ta, b, tb)
+                a, ta = shapes.step_curves(reference, kind)
+                b, tb = shapes.step_curves(other, kind)
+                results[label][kind] = shapes.compare_shapes(a, ta, b, tb)
         values = {f"{label}/{kind}": c.correlation for label, per in results.items() for kind, c in per.items()}
         distances = {f"{label}/{kind}": c.distance for label, per in results.items() for kind, c in per.items()}
         if self.session.config.update_baselines:
@@ -326,7 +318,7 @@ class SuiteJudge:
         return results
 
     # -- suite 4: baseline regression ---------------------------------------------------------------------------
-    def baseline_regression(self, metric: str = "abs_l1") -> list[stats.CellDrift]:
+    def baseline_regression(self, metric: str = "abs_l1") -> list[drift.CellDrift]:
         """The mean profile against the stored one, cell by cell, two-sided."""
         profile = self.profile()
         branch = profile.default_branch
@@ -336,7 +328,7 @@ class SuiteJudge:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             spread = np.nanstd(data, axis=0)  # NaN only where no prompt measured the cell (finite checked above)
-        times = stats.normalized_times(profile.metadata.timesteps, profile.metadata.num_train_timesteps)
+        times = shapes.normalized_times(profile.metadata.timesteps, profile.metadata.num_train_timesteps)
         if self.session.config.update_baselines:
             self.update("profile", profile_section(profile.kinds, profile.layers, mean, spread, metric=metric,
                                                    branch=branch, times=list(times)))
@@ -345,9 +337,10 @@ class SuiteJudge:
         baseline = self.baseline()
         if baseline is None or baseline.profile is None:
             self.missing("baseline_regression")
-        self._check_checkpoint_scheduler(baseline, profile)
+        self._fail_on(baseline_checks.scheduler_mismatch(baseline, profile, self.spec.name, self.settings.scheduler))
         kinds, layers, base_mean, base_spread = baseline.profile_arrays()
-        self._check_layout(baseline, kinds, layers, base_mean.shape[-1], profile)
+        self._fail_on(baseline_checks.layout_mismatch(baseline, kinds, layers, base_mean.shape[-1], profile,
+                                                      self.spec.name))
         order = [profile.kinds.index(k) for k in kinds]
         finding, drifts = verdicts.judge_cells(mean[order], kinds, layers, base_mean, base_spread,
                                                self.tolerance(baseline))
@@ -360,55 +353,6 @@ class SuiteJudge:
                               + f"\nIf the change is intended, update the baseline:\n    {fix}")
         return drifts
 
-    def _check_checkpoint_scheduler(self, baseline: Baseline, profile) -> None:
-        """A checkpoint that ships another scheduler class or config than its baseline recorded. Runs build
-        their scheduler from the checkpoint's config (``profiling.schedulers.make_scheduler``) as the class the
-        settings name, so a config change moves the numbers while a class change alone would not show."""
-        stored = baseline.metadata.get("checkpoint_scheduler")
-        current = profile.metadata.extra.get("checkpoint_scheduler")
-        if stored is None or current is None:
-            return
-        stored, current = comparable_scheduler(stored), comparable_scheduler(current)
-        class_changed = stored.get("class") != current.get("class")
-        if class_changed:
-            problem = f"class {stored.get('class')} in the baseline, {current.get('class')} now"
-        else:
-            a, b = stored.get("config") or {}, current.get("config") or {}
-            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if not changed:
-                return
-            problem = "config " + "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:6])
-        alias = self.settings.scheduler
-        if alias in (None, "", "default"):
-            effect = (f"Every run uses a copy of the checkpoint's scheduler (settings scheduler {alias or 'default'!r}), "
-                      "so this change moves the numbers: the other suites may fail on them too.")
-        else:
-            effect = (f"Every run builds its scheduler as the class the settings name ({alias!r}) from the checkpoint's "
-                      "scheduler config, so " + (
-                          "the class alone does not show in the numbers (config values that changed with it can)."
-                          if class_changed else
-                          "this change moves the numbers wherever that class reads the changed keys (flow-matching "
-                          "schedulers ignore the checkpoint's prediction_type): the other suites may fail on them too."))
-        raise SuiteFailed(f"{self.spec.name} ships another scheduler than its baseline {baseline.path.name} recorded "
-                          f"({problem}). {effect} If the change is intended, re-create the baseline:\n    "
-                          f"{self.session.command(self.spec, '--dit-update-baselines')}\nIf not, restore the "
-                          "checkpoint's scheduler (the class and config the baseline records as "
-                          "metadata.checkpoint_scheduler).")
-
-    def _check_layout(self, baseline: Baseline, kinds: list[str], layers: list[str], steps: int, profile) -> None:
-        fix = f"if the model changed on purpose, re-create it:\n    {self.session.command(self.spec, '--dit-update-baselines')}"
-        if len(layers) != len(profile.layers) or layers != profile.layers:
-            raise SuiteFailed(f"baseline {baseline.path} has {len(layers)} attention layers, {self.spec.name} now has "
-                              f"{len(profile.layers)} (first difference: "
-                              f"{next((f'{a} vs {b}' for a, b in zip(layers, profile.layers) if a != b), 'count')}); {fix}")
-        if steps != profile.num_step_pairs:
-            raise SuiteFailed(f"baseline {baseline.path} has {steps} step pairs, this run has {profile.num_step_pairs}; {fix}")
-        missing = [k for k in kinds if k not in profile.kinds]
-        if missing:
-            raise SuiteFailed(f"baseline {baseline.path} has kinds {missing} that this run did not capture; {fix}")
-        extra = [k for k in profile.kinds if k not in kinds]
-        if extra:
-            raise SuiteFailed(f"this run captured kinds {extra} that baseline {baseline.path} does not have; {fix}")
 
 
 # -- suite 5: model distinctness (across models) ------------------------------------------------------------
@@ -418,7 +362,7 @@ def judge_distinctness(session: JudgingSession, nodeid: str) -> Verdict:
     return _concluded(lambda: _distinctness(session, nodeid, verdict.records), verdict)
 
 
-def _distinctness(session: JudgingSession, nodeid: str, records: list[dict[str, Any]]) -> list[stats.Distinctness]:
+def _distinctness(session: JudgingSession, nodeid: str, records: list[dict[str, Any]]) -> list[shapes.Distinctness]:
     models = session.selected_models()
     if len(models) < 2:
         raise SuiteSkipped("model distinctness needs two or more models (--dit-model=a,b)")
@@ -429,11 +373,11 @@ def _distinctness(session: JudgingSession, nodeid: str, records: list[dict[str, 
             stats.require_finite(profile)
         except stats.NonFiniteProfileError as exc:
             raise SuiteFailed(f"{name}: {exc}") from None
-        signatures.append(stats.signature(profile))
+        signatures.append(shapes.signature(profile))
     results, failures = [], []
     for i, a in enumerate(signatures):
         for b in signatures[i + 1:]:
-            result = stats.distinctness(a, b)
+            result = shapes.distinctness(a, b)
             ok = result.ratio > 1.0
             records.append({
                 "model": f"{result.model_a} vs {result.model_b}", "family": "", "suite": "model_distinctness",

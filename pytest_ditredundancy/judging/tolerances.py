@@ -71,7 +71,7 @@ class Tolerance:
     correlation: float
 
     def cells(self) -> dict[str, float]:
-        """Keyword arguments of :func:`pytest_ditredundancy.judging.statistics.compare_to_baseline`."""
+        """Keyword arguments of :func:`pytest_ditredundancy.judging.drift.compare_to_baseline`."""
         return {"spread_factor": self.spread_factor, "relative_floor": self.relative_floor,
                 "absolute_floor": self.absolute_floor}
 

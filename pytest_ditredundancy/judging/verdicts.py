@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import drift
 from . import statistics as stats
 from .tolerances import Tolerance
 
@@ -174,22 +175,22 @@ def judge_shapes(suite: str, values: dict[str, float], stored: dict[str, Any] | 
 
 # -- suite 4: baseline regression ---------------------------------------------------------------------------------
 def judge_cells(current_mean: np.ndarray, kinds: list[str], layers: list[str], base_mean: np.ndarray,
-                base_spread: np.ndarray, tolerance: Tolerance) -> tuple[Finding, list[stats.CellDrift]]:
+                base_spread: np.ndarray, tolerance: Tolerance) -> tuple[Finding, list[drift.CellDrift]]:
     """``current_mean``: ``[kind, layer, step]`` in the baseline's kind order."""
-    drifts = stats.compare_to_baseline(current_mean, base_mean, base_spread, kinds=kinds, layers=layers,
+    drifts = drift.compare_to_baseline(current_mean, base_mean, base_spread, kinds=kinds, layers=layers,
                                        **tolerance.cells())
     worst = max((d.excess for d in drifts), default=0.0)
     finding = Finding("baseline_regression", "cells_out_of_tolerance", len(drifts), [0, 0], not drifts, details={
         "cells": int(np.isfinite(base_mean).sum()), "worst": [d.__dict__ for d in drifts[:20]],
         "tolerance": {"level": tolerance.level, "device_class": tolerance.device_class, **tolerance.cells()},
         "max_excess": worst if math.isfinite(worst) else None},
-        message="" if not drifts else stats.summarize_drift(drifts, layers))
+        message="" if not drifts else drift.summarize_drift(drifts, layers))
     return finding, drifts
 
 
 def max_excess(current_mean: np.ndarray, base_mean: np.ndarray, base_spread: np.ndarray, tolerance: Tolerance) -> float:
     """The largest |current - baseline| / tolerance over all cells: how close a run came to failing."""
-    tol = stats.cell_tolerance(base_mean, base_spread, **tolerance.cells())
+    tol = drift.cell_tolerance(base_mean, base_spread, **tolerance.cells())
     with np.errstate(invalid="ignore"):
         excess = np.abs(np.asarray(current_mean, np.float64) - base_mean) / tol
     one_sided = np.isnan(current_mean) != np.isnan(base_mean)

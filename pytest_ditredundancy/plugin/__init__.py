@@ -65,7 +65,7 @@ class DitPlugin:
             return self.session
         from . import cache_options as cache_config
         from .xdist import configure_worker, is_controller, progress_sink
-        from .options import read_config
+        from .option_steps import read_config
         from .relay import WorkerRelay
         from .report_collector import ReportCollector
         from .session import DitSession, check_models

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..capture.profile import RedundancyProfile
-from ..judging import statistics as stats
+from ..judging import drift, shapes
 from ..judging.baselines import Baseline
 from ..profiling.runner import RunSettings
 
@@ -61,7 +61,7 @@ def profile_summary(profile: RedundancyProfile, *, model: str, family: str, in_p
     branch = profile.default_branch
     b = profile.branches.index(branch)
     constant = profile.constant[:, b].all(axis=0) if profile.num_prompts else np.zeros((len(profile.kinds), len(profile.layers)), bool)
-    times = stats.normalized_times(profile.metadata.timesteps, profile.metadata.num_train_timesteps,
+    times = shapes.normalized_times(profile.metadata.timesteps, profile.metadata.num_train_timesteps,
                                    pairs=profile.num_step_pairs)
     is_default = settings == default
     meta = profile.metadata
@@ -106,8 +106,8 @@ def baseline_diff(profile: RedundancyProfile, baseline: Baseline, device_class: 
                                 f"step pairs there, {len(profile.layers)} × {profile.num_step_pairs} now)"}
     current = profile.mean_over_prompts(metric)[profile.branches.index(branch)][[profile.kinds.index(k) for k in kinds]]
     tolerance = baseline.tolerance(tolerance_level, device_class).cells()
-    drifts = stats.compare_to_baseline(current, base_mean, base_spread, kinds=kinds, layers=layers, **tolerance)
-    tol = stats.cell_tolerance(base_mean, base_spread, **tolerance)
+    drifts = drift.compare_to_baseline(current, base_mean, base_spread, kinds=kinds, layers=layers, **tolerance)
+    tol = drift.cell_tolerance(base_mean, base_spread, **tolerance)
     with np.errstate(invalid="ignore", divide="ignore"):
         excess = np.where(current == base_mean, 0.0, np.abs(current - base_mean)) / tol
     one_sided = np.isnan(current) != np.isnan(base_mean)
