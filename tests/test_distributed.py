@@ -240,6 +240,26 @@ def test_shard_runs_merge_into_the_serial_result(serial_run):
     assert bad.returncode == 2 and "missing shard(s) 2/2 (prompts 1–2)" in bad.stderr
 
 
+
+def test_a_shard_of_a_model_with_its_own_prompts_reports_that_set(tmp_path):
+    """No --dit-prompts: trained-pixart runs its own captions, and the report's prompt list and shard block say
+    so (not the shipped list the option would name)."""
+    from pytest_ditredundancy.profiling.prompts import resolve_prompts
+    from pytest_ditredundancy.profiling.settings import resolve_run
+    from pytest_ditredundancy.zoo.registry import get_spec
+
+    own = list(resolve_run(get_spec("trained-pixart")).prompts)
+    use_suites(tmp_path)
+    result = run_pytest(tmp_path, "suites/test_prompt_stability.py", "--dit-model=trained-pixart", "--dit-shard=2/2",
+                        "--dit-steps=6", *NO_BASELINES, "-p", "no:cacheprovider", "--dit-json=own.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads((tmp_path / "own.json").read_text())
+    assert not set(own) & set(resolve_prompts("default"))  # its captions, not the shipped list
+    assert doc["run"]["prompts"] == own and doc["run"]["num_prompts"] == len(own) == 8
+    assert doc["run"]["prompts_by_model"] == {"trained-pixart": 8}
+    assert doc["shard"]["total"] == 8 and doc["shard"]["prompts"] == [4, 8]
+    assert [(p["model"], p["start"], p["end"]) for p in doc["shard_profiles"]] == [("trained-pixart", 4, 8)]
+
 CRASH = """
 import os
 
