@@ -53,6 +53,22 @@ def test_the_same_bits_on_any_thread_count():
         assert torch.equal(cpu_kernel.run_call(plan, flat, threads=threads), one)
 
 
+
+@needs_compiler
+def test_calls_of_other_sizes_in_turn_share_the_scratch_buffer_without_mixing():
+    # the chunks' sums go to one buffer per thread, kept between calls: a smaller call after a larger one reads
+    # only its own part, a larger one grows it, and a stale buffer's contents never reach a result
+    small, small_rows = [t[..., :40].contiguous() for t in pairs(7)[0][:2]], [1]
+    large, large_rows = pairs(8)
+    plans = {"small": cpu_kernel.plan_call(small, small_rows), "large": cpu_kernel.plan_call(large, large_rows)}
+    expected = {"small": cpu_kernel.run_call(plans["small"], small), "large": cpu_kernel.run_call(plans["large"], large)}
+    cpu_kernel._SCRATCH.buffer.fill_(float("nan"))
+    for name in ("small", "large", "small", "large"):
+        flat = small if name == "small" else large
+        assert torch.equal(cpu_kernel.run_call(plans[name], flat), expected[name]), name
+    np.testing.assert_allclose(expected["small"].double().numpy(), exact_stats(small[0], small[1], 1).numpy(),
+                               rtol=1e-6)
+
 @needs_compiler
 def test_a_nan_or_inf_reaches_its_own_row_only():
     flat, rows = pairs(5)

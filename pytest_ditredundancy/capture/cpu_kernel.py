@@ -253,12 +253,25 @@ def plan_call(flat: list[torch.Tensor], rows: list[int]) -> CallPlan | None:
                     column)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """This thread's float64 buffer for the chunks' sums, grown as needed and kept between calls. A fresh one per
+    call (553 KiB for the benchmark model's call) came from newly mapped pages each time: measured alone, the
+    call took 3.0 ms instead of 1.8."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _SCRATCH.buffer = torch.empty(size, dtype=torch.float64)
+    return buffer
+
+
 def run_call(plan: CallPlan, flat: list[torch.Tensor], threads: int | None = None) -> torch.Tensor:
     """The ``(5, columns)`` float32 statistics of every pair of ``flat`` (checked against ``plan`` by the
     caller's signature key), on ``threads`` threads (default: torch's)."""
     function = library().ditredundancy_call_stats
     pointers = torch.tensor([t.data_ptr() for t in flat], dtype=torch.int64)
-    scratch = torch.empty(plan.items.shape[0] * 5, dtype=torch.float64)
+    scratch = _scratch(plan.items.shape[0] * 5)
     result = torch.empty(5, plan.columns, dtype=torch.float32)
     function(plan.items.data_ptr(), plan.items.shape[0], pointers.data_ptr(), plan.dtypes.data_ptr(),
              scratch.data_ptr(), result.data_ptr(), plan.columns, threads or torch.get_num_threads())
