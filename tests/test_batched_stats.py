@@ -129,11 +129,29 @@ def test_memory_held_is_at_most_one_step_plus_one_call(tiny_pipeline_cache, memo
         assert not peaks or max(peaks) <= one_step  # nothing waits for the call's end (the first call aside)
 
 
-def test_auto_decides_by_call_size_on_cpu(tiny_pipeline_cache, monkeypatch):
+@pytest.mark.skipif(not fused_stats.cpu_compiler_available(), reason="no C++ compiler for the CPU call kernel")
+def test_auto_batches_small_cpu_calls_with_the_cpu_kernel(tiny_pipeline_cache, monkeypatch):
+    # the CPU call kernel compiles nothing per shape: a call of any size is batched
+    pipe = tiny_pipeline_cache("tiny-pixart-alpha")
+    monkeypatch.setattr(batched_stats, "_CALL_KERNELS", {})
+    _, profile, cap = run(pipe, memory="auto", stats="auto")
+    assert cap.memory.chosen == "fast" and "the CPU call kernel" in cap.memory.reason
+    assert profile.metadata.extra["step_stats"]["call_kernels"] == 5
+    assert cap.batch.backends == {cpu_kernel.BACKEND}
+    assert profile.metadata.extra["step_stats"]["kernel"] == cpu_kernel.BACKEND  # what ran, not inductor
+
+
+def test_auto_batches_with_inductor_only_from_a_call_size_on_cpu(tiny_pipeline_cache, monkeypatch):
     pipe = tiny_pipeline_cache("tiny-pixart-alpha")
     monkeypatch.setattr(fused_stats, "cpu_compiler_available", lambda: True)
+
+    def unavailable():
+        raise cpu_kernel.KernelUnavailable("no C++ compiler found (set CXX or install g++)")
+
+    monkeypatch.setattr(cpu_kernel, "library", unavailable)  # inductor's kernel compiles per shape: too small
     _, profile, cap = run(pipe, memory="auto", stats="auto")
-    assert cap.memory.chosen == "low" and "below" in cap.memory.reason
+    assert cap.memory.chosen == "low" and "below" in cap.memory.reason and "cannot take" in cap.memory.reason
+    assert cap.batch.cpu_kernel_note == "no C++ compiler found (set CXX or install g++)"
     assert profile.metadata.extra["step_stats"]["call_kernels"] == 0
     monkeypatch.setattr(batched_stats, "CPU_MIN_CALL_ELEMENTS", 0)
     monkeypatch.setattr(batched_stats, "compile_call", lambda flat, rows: lambda inputs: (torch.cat(
@@ -160,6 +178,7 @@ def test_choose_memory_on_cpu_needs_size_and_ram(monkeypatch):
     assert choose_memory(4 * CPU_MIN_CALL_ELEMENTS, CPU_MIN_CALL_ELEMENTS, cpu, fused=True)[0] == "fast"
     assert choose_memory(4, 1, cpu, fused=True)[0] == "low"
     assert choose_memory(4, 1, cpu, fused=True, size_rule=False)[0] == "fast"  # stats="fused": the user's call
+    assert choose_memory(4, 1, cpu, fused=True, no_compile=True)[0] == "fast"  # the CPU call kernel takes it
     monkeypatch.setattr(batched_stats, "_available_ram", lambda: 1000)
     assert choose_memory(400, CPU_MIN_CALL_ELEMENTS, cpu, fused=True)[0] == "low"
 

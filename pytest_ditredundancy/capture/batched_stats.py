@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from . import cpu_kernel
-from .fused_stats import _fused_rows, compile_graph, row_chunk
+from .fused_stats import INDUCTOR, _fused_rows, compile_graph, row_chunk
 
 MEMORY_MODES = ("auto", "fast", "low")
 ENV_MEMORY = "DITREDUNDANCY_CAPTURE_MEMORY"
@@ -38,9 +38,10 @@ ENV_MEMORY = "DITREDUNDANCY_CAPTURE_MEMORY"
 CUDA_SHARE = 0.9
 #: ``auto`` on CPU: one call's captured tensors must be at most this share of the available RAM.
 CPU_SHARE = 0.25
-#: ``auto`` on CPU batches a call only from this many captured elements per call: compiling a call's kernel
-#: costs 2 to 20 s once (a second process reads inductor's disk cache), recovered within a 20-step profile only
-#: from a few million elements. The benchmark model has 5.8 M; the tiny models at 8 prompts stay below.
+#: ``auto`` on CPU, where the CPU call kernel (:mod:`~pytest_ditredundancy.capture.cpu_kernel`, no per-shape
+#: compilation) cannot take the call, batches it with inductor's kernel only from this many captured elements
+#: per call: compiling that costs 2 to 20 s once (a second process reads inductor's disk cache), recovered
+#: within a 20-step profile only from a few million elements. The benchmark model has 5.8 M.
 CPU_MIN_CALL_ELEMENTS = 1 << 21
 #: Threads of the CPU call kernel. One: an OpenMP loop per tensor meets a barrier per tensor, and on a shared
 #: machine a thread that loses its core stalls every one of them (p90 of a call 25.6 ms against 9.1 ms on one
@@ -87,20 +88,21 @@ class MemoryChoice:
         if self.mode == "low":
             self.chosen, self.reason = "low", "asked for"
 
-    def decide(self, call_bytes: int, call_elements: int, device: torch.device, fused: bool, size_rule: bool) -> None:
+    def decide(self, call_bytes: int, call_elements: int, device: torch.device, fused: bool, size_rule: bool,
+               no_compile: bool = False) -> None:
         """Resolve ``auto`` (and check ``fast``) at the end of the first call that recorded anything."""
         if self.mode == "fast":
             self.chosen, self.reason = ("fast", "asked for") if fused else (
                 "low", "asked for fast, but the fused kernel is off or unavailable here, so nothing is batched")
         else:
-            self.chosen, self.reason = choose_memory(call_bytes, call_elements, device, fused, size_rule)
+            self.chosen, self.reason = choose_memory(call_bytes, call_elements, device, fused, size_rule, no_compile)
 
 
 def choose_memory(call_bytes: int, call_elements: int, device: torch.device, fused: bool,
-                  size_rule: bool = True) -> tuple[str, str]:
+                  size_rule: bool = True, no_compile: bool = False) -> tuple[str, str]:
     """``auto``: ``fast`` where the fused kernel runs on this device and one more call's captured tensors fit;
     on CPU (``size_rule``: the statistics mode is ``auto`` too) only for calls large enough to pay for the
-    compilation."""
+    compilation, unless the call's kernel needs none (``no_compile``: the CPU call kernel takes the call)."""
     if not fused:
         return "low", "the fused kernel is off or unavailable here, so nothing is batched"
     if device.type == "cuda":
@@ -113,14 +115,15 @@ def choose_memory(call_bytes: int, call_elements: int, device: torch.device, fus
         return "low", f"one more call's tensors ({call_bytes / 2**30:.2f} GiB) would bring the peak to " \
                       f"{need / 2**30:.2f} GiB, over {CUDA_SHARE:.0%} of {usable / 2**30:.2f} GiB usable"
     if device.type == "cpu":
-        if size_rule and call_elements < CPU_MIN_CALL_ELEMENTS:
-            return "low", f"{call_elements} elements per call: below {CPU_MIN_CALL_ELEMENTS}, compiling the " \
-                          "call's kernel would not pay off"
+        if size_rule and not no_compile and call_elements < CPU_MIN_CALL_ELEMENTS:
+            return "low", f"{call_elements} elements per call: below {CPU_MIN_CALL_ELEMENTS}, compiling " \
+                          "inductor's call kernel would not pay off (the CPU call kernel cannot take this call)"
         available = _available_ram()
         if available is not None and call_bytes > CPU_SHARE * available:
             return "low", f"one call's tensors ({call_bytes / 2**20:.0f} MiB) exceed {CPU_SHARE:.0%} of the " \
                           f"available RAM ({available / 2**20:.0f} MiB)"
-        return "fast", f"{call_elements} elements per call, {call_bytes / 2**20:.1f} MiB"
+        kernel = "the CPU call kernel" if no_compile else "inductor's call kernel"
+        return "fast", f"{call_elements} elements per call, {call_bytes / 2**20:.1f} MiB, {kernel}"
     return "low", f"no batched kernel for {device.type}"
 
 
@@ -151,6 +154,20 @@ class CallBatch:
 
     def add(self, item: Pending) -> None:
         self.pending.append(item)
+
+    def cpu_kernel_takes(self) -> bool:
+        """Whether the CPU call kernel can reduce the pending pairs (CPU tensors it reads, and a kernel that
+        builds here): such a call needs no compilation of its own. Why not is kept in :attr:`cpu_kernel_note`."""
+        flat = [t for item in self.pending for t in (item.current, item.current if item.previous is None
+                                                      else item.previous)]
+        if not flat or not cpu_kernel.takes(flat, [item.rows for item in self.pending]):
+            return False
+        try:
+            cpu_kernel.library()
+        except cpu_kernel.KernelUnavailable as exc:
+            self.cpu_kernel_note = str(exc)
+            return False
+        return True
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes, elements) of the pending current tensors: what one call captures."""
@@ -209,9 +226,10 @@ class CallBatch:
                 first_steps += 1
             item.series.stats[item.slot] = part
         stats.calls["fused"] += len(pairs) - first_steps  # first steps are not counted, as per tensor
-        stats.devices.add(device.type)
+        backend = getattr(kernel, "backend", INDUCTOR.get(device.type, device.type))
+        stats.kernels.add(backend)
         self.launches += 1
-        self.backends.add(getattr(kernel, "backend", _INDUCTOR.get(device.type, device.type)))
+        self.backends.add(backend)
         return True
 
     def _build(self, flat: list[torch.Tensor], rows: list[int]) -> Callable[[list], torch.Tensor]:
@@ -229,7 +247,6 @@ class CallBatch:
         return lambda inputs: inductor([t.detach() for t in inputs])[0]  # the kernel empties the list it gets
 
 
-_INDUCTOR = {"cpu": "inductor C++", "cuda": "inductor Triton"}
 #: Compiled call kernels of this process, by (device, every input's shape/strides/dtype, rows per pair).
 _CALL_KERNELS: dict[tuple, Callable[[list], tuple]] = {}
 #: Traced one-pair graphs by signature: the pieces call graphs are stitched from.

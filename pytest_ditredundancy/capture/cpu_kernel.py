@@ -231,18 +231,28 @@ class CallPlan:
     columns: int
 
 
-def plan_call(flat: list[torch.Tensor], rows: list[int]) -> CallPlan | None:
-    """The plan for ``flat = [x0, p0, x1, p1, ...]``, or None where this kernel cannot take the pairs (a
-    non-contiguous tensor, an unsupported or mixed dtype, a device other than the CPU)."""
-    items: list[tuple[int, int, int, int]] = []
-    codes = []
-    column = 0
+def takes(flat: list[torch.Tensor], rows: list[int]) -> bool:
+    """Whether this kernel reads the pairs of ``flat = [x0, p0, x1, p1, ...]``: contiguous CPU tensors of one
+    supported dtype per pair, of equal sizes that split into the pair's rows."""
     for pair, count in enumerate(rows):
         x, p = flat[2 * pair], flat[2 * pair + 1]
         if (x.device.type != "cpu" or p.device.type != "cpu" or x.dtype != p.dtype or x.dtype not in DTYPES
                 or x.numel() != p.numel() or not x.is_contiguous() or not p.is_contiguous()
                 or x.numel() % count):
-            return None
+            return False
+    return True
+
+
+def plan_call(flat: list[torch.Tensor], rows: list[int]) -> CallPlan | None:
+    """The plan for ``flat = [x0, p0, x1, p1, ...]``, or None where this kernel cannot take the pairs
+    (:func:`takes`)."""
+    if not takes(flat, rows):
+        return None
+    items: list[tuple[int, int, int, int]] = []
+    codes = []
+    column = 0
+    for pair, count in enumerate(rows):
+        x = flat[2 * pair]
         codes.append(DTYPES[x.dtype])
         length = x.numel() // count
         for row in range(count):

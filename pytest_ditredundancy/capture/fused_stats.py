@@ -82,7 +82,7 @@ class StepStatistics:
 
     mode: str = "auto"
     calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "eager": 0})
-    devices: set[str] = field(default_factory=set)
+    kernels: set[str] = field(default_factory=set)  # what ran the fused sums: per tensor or per call
     compile_seconds: float = 0.0
     fallback_reason: str | None = None
     #: Whether a C++ compiler exists, looked up once per capture: the lookup walks ``PATH`` (about 130 µs,
@@ -106,7 +106,7 @@ class StepStatistics:
                 if kernel is not None:
                     result = kernel([x, p])[0]
                     self.calls["fused"] += 1
-                    self.devices.add(x.device.type)
+                    self.kernels.add(INDUCTOR.get(x.device.type, x.device.type))
                     return result
             except Exception as exc:  # an inductor or compiler failure: eager from now on, reason kept
                 text = str(exc).strip().splitlines()
@@ -157,13 +157,14 @@ class StepStatistics:
     def summary(self) -> dict[str, Any]:
         """Plain, reproducible data for the profile metadata (``extra["step_stats"]``); the benchmark adds
         :attr:`compile_seconds` (timing varies from run to run, so it stays out of profiles)."""
-        backend = {"cpu": "inductor C++", "cuda": "inductor Triton"}
         return {"mode": self.mode, "path": self.path(), "fused_calls": self.calls["fused"],
                 "eager_calls": self.calls["eager"],
-                "kernel": ", ".join(backend.get(d, d) for d in sorted(self.devices)) or None,
+                "kernel": ", ".join(sorted(self.kernels)) or None,
                 "fallback": self.fallback_reason}
 
 
+#: Inductor's kernels by device type, as named in ``step_stats["kernel"]``.
+INDUCTOR = {"cpu": "inductor C++", "cuda": "inductor Triton"}
 #: Compiled kernels of this process, by (device, dtypes, shape, strides): every capture shares them.
 _KERNELS: dict[tuple, Callable[[list], tuple]] = {}
 

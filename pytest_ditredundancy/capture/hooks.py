@@ -270,8 +270,9 @@ class RedundancyCapture(StepTracker):
             return
         if self.memory.chosen is None:
             device = self.batch.pending[0].current.device
-            self.memory.decide(*self.batch.nbytes(), device, self.step_statistics.fuses_on(device),
-                               size_rule=self.step_statistics.mode == "auto")
+            fused = self.step_statistics.fuses_on(device)
+            self.memory.decide(*self.batch.nbytes(), device, fused, size_rule=self.step_statistics.mode == "auto",
+                               no_compile=fused and device.type == "cpu" and self.batch.cpu_kernel_takes())
         self.batch.flush(self.memory.chosen == "fast", self._mutated_in_call)
 
     def _mutated_in_call(self, item: Pending) -> None:

@@ -203,10 +203,10 @@ def join_parts(parts: Sequence[tuple[Part, RedundancyProfile]]) -> RedundancyPro
 
 
 def _joined_step_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """``extra["step_stats"]`` of the whole request: the parts' reduction calls added up, and what produced
-    the numbers (``fused``, ``eager``, ``mixed``) said of them all."""
+    """``extra["step_stats"]`` of the whole request: the parts' reduction calls and call kernels added up, and
+    what produced the numbers (``fused``, ``eager``, ``mixed``) said of them all."""
     joined = dict(parts[0])
-    for name in ("fused_calls", "eager_calls"):
+    for name in ("fused_calls", "eager_calls", "call_kernels"):
         joined[name] = sum(int(part.get(name) or 0) for part in parts)
     if "path" in joined:
         fused, eager = joined["fused_calls"], joined["eager_calls"]
