@@ -53,7 +53,6 @@ def test_the_same_bits_on_any_thread_count():
         assert torch.equal(cpu_kernel.run_call(plan, flat, threads=threads), one)
 
 
-
 @needs_compiler
 def test_calls_of_other_sizes_in_turn_share_the_scratch_buffer_without_mixing():
     # the chunks' sums go to one buffer per thread, kept between calls: a smaller call after a larger one reads
@@ -68,6 +67,7 @@ def test_calls_of_other_sizes_in_turn_share_the_scratch_buffer_without_mixing():
         assert torch.equal(cpu_kernel.run_call(plans[name], flat), expected[name]), name
     np.testing.assert_allclose(expected["small"].double().numpy(), exact_stats(small[0], small[1], 1).numpy(),
                                rtol=1e-6)
+
 
 @needs_compiler
 def test_a_nan_or_inf_reaches_its_own_row_only():

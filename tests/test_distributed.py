@@ -240,7 +240,6 @@ def test_shard_runs_merge_into_the_serial_result(serial_run):
     assert bad.returncode == 2 and "missing shard(s) 2/2 (prompts 1–2)" in bad.stderr
 
 
-
 def test_a_shard_of_a_model_with_its_own_prompts_reports_that_set(tmp_path):
     """No --dit-prompts: trained-pixart runs its own captions, and the report's prompt list and shard block say
     so (not the shipped list the option would name)."""
@@ -259,6 +258,7 @@ def test_a_shard_of_a_model_with_its_own_prompts_reports_that_set(tmp_path):
     assert doc["run"]["prompts_by_model"] == {"trained-pixart": 8}
     assert doc["shard"]["total"] == 8 and doc["shard"]["prompts"] == [4, 8]
     assert [(p["model"], p["start"], p["end"]) for p in doc["shard_profiles"]] == [("trained-pixart", 4, 8)]
+
 
 CRASH = """
 import os

@@ -175,7 +175,8 @@ class SuiteJudge:
     def _fail_on(self, mismatch: str | None) -> None:
         """A baseline that does not fit this run fails the suite, with the command that re-creates it."""
         if mismatch is not None:
-            raise SuiteFailed(mismatch.replace(baseline_checks.FIX, self.session.command(self.spec, "--dit-update-baselines")))
+            fix = self.session.command(self.spec, "--dit-update-baselines")
+            raise SuiteFailed(mismatch.replace(baseline_checks.FIX, fix))
 
     def _warn_on_device_mismatch(self, baseline: Baseline) -> None:
         stored_class, stored_dtype = baseline.metadata.get("device_class"), baseline.metadata.get("dtype")
