@@ -82,7 +82,7 @@ PATHS: dict[str, dict[str, str]] = {"eager": {"stats": "eager", "memory": "low"}
 def stats_summary(cap) -> dict[str, Any]:
     """What ran: the step statistics' counts plus the memory mode chosen and the call kernels launched."""
     return {**cap.step_statistics.summary(), "memory": cap.memory.chosen, "memory_reason": cap.memory.reason,
-            "call_kernels": cap.batch.launches, "call_kernel": ", ".join(sorted(cap.batch.backends)) or None,
+            "call_kernels": cap.batch.launches, "call_kernel": cap.batch.kernel_names(),
             "compile_seconds": cap.step_statistics.compile_seconds
             + cap.batch.compile_seconds}
 

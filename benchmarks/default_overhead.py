@@ -62,7 +62,7 @@ def one_process(device_name: str, repeats: int, threads: int, prompts: int, quic
     first = {"seconds": first_seconds, "memory": cap.memory.chosen, "memory_reason": cap.memory.reason,
              "compile_seconds": cap.batch.compile_seconds + cap.step_statistics.compile_seconds,
              "stats": cap.step_statistics.summary(), "call_kernels": cap.batch.launches,
-             "call_kernel": ", ".join(sorted(cap.batch.backends)) or None, "call_kernel_note": cap.batch.cpu_kernel_note}
+             "call_kernel": cap.batch.kernel_names(), "call_kernel_note": cap.batch.cpu_kernel_note}
     times: dict[str, list[float]] = {"plain": [], "captured": []}
     identical = True
     for round_ in range(repeats):

@@ -155,11 +155,14 @@ class CallBatch:
     def add(self, item: Pending) -> None:
         self.pending.append(item)
 
+    def kernel_names(self) -> str | None:
+        """The call kernels that ran, as named in ``step_stats["call_kernel"]`` (None: none ran)."""
+        return ", ".join(sorted(self.backends)) or None
+
     def cpu_kernel_takes(self) -> bool:
         """Whether the CPU call kernel can reduce the pending pairs (CPU tensors it reads, and a kernel that
         builds here): such a call needs no compilation of its own. Why not is kept in :attr:`cpu_kernel_note`."""
-        flat = [t for item in self.pending for t in (item.current, item.current if item.previous is None
-                                                      else item.previous)]
+        flat = _kernel_inputs(self.pending)
         if not flat or not cpu_kernel.takes(flat, [item.rows for item in self.pending]):
             return False
         try:
@@ -199,10 +202,7 @@ class CallBatch:
         stats = self.statistics
         if stats.fallback_reason is not None:
             return False
-        flat: list[torch.Tensor] = []
-        for item in pairs:
-            flat.append(item.current)
-            flat.append(item.current if item.previous is None else item.previous)
+        flat = _kernel_inputs(pairs)
         device = flat[0].device
         rows = [item.rows for item in pairs]
         key = (device, tuple((t.shape, t.stride(), t.dtype) for t in flat), tuple(rows))
@@ -245,6 +245,12 @@ class CallBatch:
             self.cpu_kernel_note = self.cpu_kernel_note or "inputs it does not take (fp16, mixed dtypes or strided)"
         inductor = compile_call([t.detach() for t in flat], rows)
         return lambda inputs: inductor([t.detach() for t in inputs])[0]  # the kernel empties the list it gets
+
+
+def _kernel_inputs(pairs: list[Pending]) -> list[torch.Tensor]:
+    """``[x0, p0, x1, p1, ...]`` of a call's kernel: a series' first step (no previous tensor) is paired with
+    itself (see :meth:`CallBatch.flush`)."""
+    return [t for item in pairs for t in (item.current, item.current if item.previous is None else item.previous)]
 
 
 #: Compiled call kernels of this process, by (device, every input's shape/strides/dtype, rows per pair).

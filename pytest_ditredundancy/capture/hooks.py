@@ -329,7 +329,7 @@ class RedundancyCapture(StepTracker):
                                    whole_batch=self.whole_batch, **metadata)
         profile.metadata.extra = {**profile.metadata.extra, "step_stats": {
             **self.step_statistics.summary(), "memory": self.memory.mode, "memory_chosen": self.memory.chosen,
-            "call_kernels": self.batch.launches, "call_kernel": ", ".join(sorted(self.batch.backends)) or None}}
+            "call_kernels": self.batch.launches, "call_kernel": self.batch.kernel_names()}}
         return profile
 
 

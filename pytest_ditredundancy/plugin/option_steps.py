@@ -174,8 +174,8 @@ def _record_given(config: pytest.Config, values: dict[str, Any]) -> dict[str, An
 
 
 STEPS: tuple[Step, ...] = (_check_numbers, _select_models, _apply_protocol, _check_device_and_dtype,
-                                _check_schedulers, _select_prompts, _parse_shard, _resolve_paths, _check_executor,
-                                _record_given)
+                           _check_schedulers, _select_prompts, _parse_shard, _resolve_paths, _check_executor,
+                           _record_given)
 
 
 def _check_device(text: str) -> str:
